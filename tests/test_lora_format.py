@@ -1,0 +1,477 @@
+"""The LoRA file: every key is read back by diffusers and by the pinned ComfyUI with the trained delta.
+
+The LoRA weights are filled with seeded random values (gaussian init leaves lora_B at zero, where every
+check would pass trivially) and alpha != rank, so a scaling mistake shows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
+from tiny_model import build_scheduler, build_text_encoder, build_unet, build_vae
+
+import trainer.lora_file as lora_file
+from trainer.config import DataConfig, LoraConfig, ModelConfig, OutputConfig, RunConfig
+from trainer.families.sd15 import SD15
+from trainer.lora_file import (
+    count_tags,
+    kohya_state_dict,
+    lora_metadata,
+    read_lora_file,
+    save_lora_file,
+)
+
+COMFYUI_DIR = Path(__file__).absolute().parents[1] / ".runtime" / "ComfyUI"
+TOKENIZER_DIR = COMFYUI_DIR / "comfy" / "sd1_tokenizer"
+RANK, ALPHA = 4, 2.0
+TOLERANCE = 1e-5
+# (unet preset, train the text encoder too)
+CASES = [("attention", False), ("attention", True), ("attention_ff", True), ("all", True)]
+CASE_IDS = [f"{preset}{'+te' if te else ''}" for preset, te in CASES]
+
+
+@dataclass
+class Module:
+    part: str  # "unet" or "text_encoder"
+    path: str  # module path in the diffusers UNet / transformers CLIPTextModel
+    base: torch.Tensor  # the frozen weight
+    delta: torch.Tensor  # what the LoRA adds to it, as peft computes it
+
+
+@dataclass
+class Trained:
+    file: Path
+    modules: dict[str, Module]  # by kohya name
+
+
+def _peft_config(targets: list[str] | str) -> PeftLoraConfig:
+    return PeftLoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian", target_modules=targets)
+
+
+def _lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
+    return {path: m for path, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _fill_random(model: torch.nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in _lora_layers(model).values():
+            for weight in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.1)
+
+
+def _kohya_name(part: str, path: str) -> str:
+    # the spec: the diffusers / original CLIP module path, "." → "_" (transformers 5 dropped `text_model.`)
+    if part == "text_encoder" and not path.startswith("text_model."):
+        path = f"text_model.{path}"
+    return f"{SD15.lora_prefixes[part]}_{path.replace('.', '_')}"
+
+
+def _modules(part: str, model: torch.nn.Module) -> dict[str, Module]:
+    return {
+        _kohya_name(part, path): Module(
+            part, path, layer.base_layer.weight.detach().clone(), layer.get_delta_weight("default").detach()
+        )
+        for path, layer in _lora_layers(model).items()
+    }
+
+
+def _train(preset: str, with_text_encoder: bool, folder: Path) -> Trained:
+    unet = build_unet()
+    unet.add_adapter(_peft_config(SD15.unet_targets(preset)))
+    _fill_random(unet, seed=10)
+    modules = _modules("unet", unet)
+    text_encoder = None
+    if with_text_encoder:
+        # transformers 5's add_adapter wants peft >= 0.22; peft's own injection works with any version
+        text_encoder = inject_adapter_in_model(
+            _peft_config(SD15.text_encoder_targets(preset)), build_text_encoder()
+        )
+        _fill_random(text_encoder, seed=11)
+        modules |= _modules("text_encoder", text_encoder)
+    tensors = kohya_state_dict(unet, text_encoder, alpha=ALPHA, prefixes=SD15.lora_prefixes)
+    file = folder / f"{preset}_{with_text_encoder}.safetensors"
+    save_lora_file(file, tensors, {"ss_network_alpha": str(ALPHA)}, overwrite=False)
+    return Trained(file, modules)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, comfy_probe) -> dict[tuple[str, bool], Trained]:
+    # comfy_probe only so that the ComfyUI subprocess starts first and its imports overlap these tests
+    folder = tmp_path_factory.mktemp("loras")
+    return {case: _train(*case, folder) for case in CASES}
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape
+    return (a.float() - b.float()).abs().max().item()
+
+
+# --- the tensors ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_file_holds_down_up_alpha_per_module(trained, case):
+    t = trained[case]
+    tensors, _ = read_lora_file(t.file)
+    expected = {
+        f"{name}.{suffix}" for name in t.modules for suffix in ("lora_down.weight", "lora_up.weight", "alpha")
+    }
+    assert set(tensors) == expected
+    for name, module in t.modules.items():
+        down, up, alpha = (tensors[f"{name}.{s}"] for s in ("lora_down.weight", "lora_up.weight", "alpha"))
+        assert down.dtype == up.dtype == alpha.dtype == torch.float32
+        assert alpha.shape == () and alpha.item() == ALPHA
+        assert down.shape[0] == up.shape[1] == RANK
+        assert up.shape[0] == module.base.shape[0] and down.shape[1] == module.base.shape[1]
+        # a conv LoRA: down carries the kernel, up is 1x1
+        assert down.shape[2:] == module.base.shape[2:] and up.shape[2:] == (1,) * (module.base.dim() - 2)
+        kohya_delta = (up.flatten(1) @ down.flatten(1)).reshape(module.base.shape) * alpha / RANK
+        assert _max_diff(kohya_delta, module.delta) < TOLERANCE
+        assert module.delta.abs().max() > 1e-3  # the check above is not trivial
+
+
+def test_all_preset_writes_conv_layers(trained):
+    modules = trained[("all", True)].modules
+    assert any(m.base.dim() == 4 and m.base.shape[-1] == 3 for m in modules.values())
+    assert {"lora_unet_conv_in", "lora_unet_conv_out", "lora_unet_time_embedding_linear_1"} <= set(modules)
+
+
+def test_rejects_what_kohya_cannot_hold():
+    unet = build_unet()
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        kohya_state_dict(unet, alpha=ALPHA, prefixes=SD15.lora_prefixes)
+    unet.add_adapter(_peft_config(["to_q"]))
+    with pytest.raises(ValueError, match="differs from the configured alpha"):
+        kohya_state_dict(unet, alpha=ALPHA * 2, prefixes=SD15.lora_prefixes)
+    rslora = build_unet()
+    rslora.add_adapter(PeftLoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["to_q"], use_rslora=True))
+    with pytest.raises(ValueError, match="use_rslora"):
+        kohya_state_dict(rslora, alpha=ALPHA, prefixes=SD15.lora_prefixes)
+    olora = build_unet()
+    olora.add_adapter(
+        PeftLoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["to_q"], init_lora_weights="olora")
+    )
+    with pytest.raises(ValueError, match="changes the base weights"):
+        kohya_state_dict(olora, alpha=ALPHA, prefixes=SD15.lora_prefixes)
+
+
+# --- diffusers -----------------------------------------------------------------------------------------
+
+
+def _fresh_pipeline():
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    return StableDiffusionPipeline(
+        vae=build_vae(),
+        text_encoder=build_text_encoder(),
+        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR, local_files_only=True),
+        unet=build_unet(),
+        scheduler=build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _weight(module: torch.nn.Module) -> torch.Tensor:
+    return getattr(module, "base_layer", module).weight
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_diffusers_load_lora_weights_gives_the_trained_delta(trained, case):
+    t = trained[case]
+    pipe = _fresh_pipeline()
+    pipe.load_lora_weights(str(t.file))
+    parts = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    loaded = {(part, path) for part, model in parts.items() for path in _lora_layers(model)}
+    assert loaded == {(m.part, m.path) for m in t.modules.values()}
+
+    pipe.fuse_lora(components=list(parts), lora_scale=1.0)
+    worst = 0.0
+    for module in t.modules.values():
+        fused = _weight(parts[module.part].get_submodule(module.path))
+        assert _max_diff(fused.detach() - module.base, module.delta) < TOLERANCE, module.path
+        worst = max(worst, _max_diff(fused.detach() - module.base, module.delta))
+    print(f"diffusers {case}: {len(t.modules)} modules, max abs diff {worst:.3g}")
+
+
+# --- ComfyUI -------------------------------------------------------------------------------------------
+
+PROBE = Path(__file__).absolute().parent / "comfy_lora_probe.py"
+# The tiny UNet in ComfyUI's unet_config form; the probe returns what ComfyUI's own detection makes of it.
+TINY_COMFY_UNET = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 32,
+    "num_res_blocks": [1, 1],
+    "transformer_depth": [1, 0],
+    "transformer_depth_output": [1, 1, 0, 0],
+    "channel_mult": [1, 2],
+    "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False,
+    "context_dim": 32,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+}
+BOGUS_KEY = "lora_unet_no_such_layer.lora_down.weight"
+
+
+def _base_weights() -> dict[str, torch.Tensor]:
+    unet = {f"unet.{k}": v for k, v in build_unet().state_dict().items()}
+    # checkpoints (and transformers 4) name the CLIP weights text_model.*; transformers 5 drops the prefix
+    te = {
+        f"text_encoder.{k if k.startswith('text_model.') else 'text_model.' + k}": v
+        for k, v in build_text_encoder().state_dict().items()
+    }
+    return {k: v.contiguous() for k, v in (unet | te).items()}
+
+
+def _clip_config() -> dict:
+    config = build_text_encoder().config
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "hidden_act")
+    return {key: getattr(config, key) for key in keys}
+
+
+def _with_bogus_key(source: Path, dest: Path) -> Path:
+    tensors, metadata = read_lora_file(source)
+    tensors[BOGUS_KEY] = torch.zeros(RANK, 4)
+    save_lora_file(dest, tensors, metadata, overwrite=False)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def comfy_probe():
+    """comfy_lora_probe.py, started at once: importing ComfyUI is most of its run time."""
+    if not (COMFYUI_DIR / "comfy" / "lora.py").is_file():
+        yield None
+        return
+    process = subprocess.Popen(
+        [sys.executable, str(PROBE)],
+        cwd=COMFYUI_DIR,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    yield process
+    if process.poll() is None:  # the ComfyUI tests were not selected
+        process.kill()
+    process.communicate()
+
+
+@pytest.fixture(scope="module")
+def comfy_report(trained, comfy_probe, tmp_path_factory) -> dict:
+    """What ComfyUI made of every case's file (and of one with a key ComfyUI cannot place)."""
+    if comfy_probe is None:
+        pytest.fail(f"ComfyUI not found at {COMFYUI_DIR}: run scripts/setup.sh")
+    folder = tmp_path_factory.mktemp("comfy")
+    save_file(_base_weights(), str(folder / "base.safetensors"))
+    loras = {case_id: str(trained[case].file) for case_id, case in zip(CASE_IDS, CASES, strict=True)}
+    loras["bogus"] = str(_with_bogus_key(trained[CASES[0]].file, folder / "bogus.safetensors"))
+    request = {
+        "unet_config": TINY_COMFY_UNET,
+        "clip_config": _clip_config(),
+        "base": str(folder / "base.safetensors"),
+        "loras": loras,
+        "out_dir": str(folder),
+    }
+    _, stderr = comfy_probe.communicate(json.dumps(request), timeout=300)
+    assert comfy_probe.returncode == 0, stderr[-4000:]
+    report = json.loads((folder / "report.json").read_text())
+    report["tensors"] = {case: load_file(str(folder / f"{case}.safetensors")) for case in loras}
+    return report
+
+
+def test_comfyui_sees_the_tiny_models_as_intended(comfy_report):
+    assert comfy_report["unet_config"] == TINY_COMFY_UNET
+    assert comfy_report["clip_load"] == {"missing": ["text_projection.weight"], "unexpected": []}
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_comfyui_loads_every_key_with_the_trained_delta(trained, comfy_report, case):
+    t, case_id = trained[case], CASE_IDS[CASES.index(case)]
+    report, tensors = comfy_report["loras"][case_id], comfy_report["tensors"][case_id]
+    assert report["warnings"] == [] and report["unconsumed"] == []
+    assert set(report["key_map"]) == set(t.modules)
+    assert len(report["patched"]) == len(t.modules)
+    assert set(report["patched"]) == set(report["key_map"].values())
+    worst = 0.0
+    for name, module in t.modules.items():
+        # ComfyUI's key for the name resolves to the very layer peft trained: the same frozen weight
+        assert torch.equal(tensors[f"{name}.base"], module.base), f"{name} → {report['key_map'][name]}"
+        worst = max(worst, _max_diff(tensors[f"{name}.delta"], module.delta))
+    assert worst < TOLERANCE
+    print(f"ComfyUI {case_id}: {len(t.modules)} patches, max abs diff {worst:.3g}")
+
+
+def test_comfyui_reports_a_key_it_cannot_place(comfy_report):
+    # the probe's leftover-key detection works: the one key no layer matches is reported
+    assert comfy_report["loras"]["bogus"]["unconsumed"] == [BOGUS_KEY]
+
+
+# --- the atomic write ----------------------------------------------------------------------------------
+
+
+def _tensors(value: float) -> dict[str, torch.Tensor]:
+    return {"lora_unet_x.alpha": torch.tensor(value)}
+
+
+def _temp_files(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_existing_file_without_overwrite_raises_before_writing(tmp_path, monkeypatch):
+    path = tmp_path / "out.safetensors"
+    save_lora_file(path, _tensors(1.0), {"a": "1"}, overwrite=False)
+    before = path.read_bytes()
+
+    def no_serializing(*args, **kwargs):
+        raise AssertionError("serialized although the file exists")
+
+    monkeypatch.setattr(lora_file, "safetensors_bytes", no_serializing)
+    with pytest.raises(FileExistsError, match="out.safetensors"):
+        save_lora_file(path, _tensors(2.0), {"a": "2"}, overwrite=False)
+    assert path.read_bytes() == before
+    assert not _temp_files(tmp_path)
+
+
+def test_overwrite_replaces(tmp_path):
+    path = tmp_path / "out.safetensors"
+    save_lora_file(path, _tensors(1.0), {"a": "1"}, overwrite=False)
+    save_lora_file(path, _tensors(2.0), {"a": "2"}, overwrite=True)
+    tensors, metadata = read_lora_file(path)
+    assert tensors["lora_unet_x.alpha"].item() == 2.0 and metadata == {"a": "2"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
+
+
+def test_temp_file_is_hidden_in_the_same_folder(tmp_path, monkeypatch):
+    renames = []
+    real_replace = os.replace
+
+    def recording_replace(src, dst):
+        renames.append((Path(src), Path(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(lora_file.os, "replace", recording_replace)
+    save_lora_file(tmp_path / "sub" / "out.safetensors", _tensors(1.0), {}, overwrite=False)
+    ((src, dst),) = renames
+    assert src.parent == dst.parent == tmp_path / "sub"
+    assert src.name.startswith(".") and src.name.endswith(".tmp")
+
+
+@pytest.mark.parametrize("failing", ["fsync", "replace"])
+def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch, failing):
+    path = tmp_path / "out.safetensors"
+    save_lora_file(path, _tensors(1.0), {"a": "1"}, overwrite=False)
+    before = path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(lora_file.os, failing, boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_lora_file(path, _tensors(2.0), {"a": "2"}, overwrite=True)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert not _temp_files(tmp_path)
+
+
+# --- metadata ------------------------------------------------------------------------------------------
+
+REQUIRED_KEYS = """ss_network_module ss_network_dim ss_network_alpha ss_base_model_version ss_resolution
+ss_num_train_images ss_steps ss_epoch ss_learning_rate ss_tag_frequency ss_training_started_at
+ss_training_finished_at ss_output_name ss_seed ss_network_args ss_text_encoder_lr ss_unet_lr ss_lr_scheduler
+ss_optimizer ss_batch_size_per_device ss_gradient_accumulation_steps ss_mixed_precision ss_max_grad_norm
+ss_noise_offset ss_min_snr_gamma ss_max_train_steps modelspec.sai_model_spec modelspec.architecture
+modelspec.implementation modelspec.title modelspec.resolution modelspec.date lora_foundry.config""".split()
+
+
+def _cfg(tmp_path: Path, *, name: str = "", targets: str = "all") -> RunConfig:
+    return RunConfig(
+        run_dir=str(tmp_path / "run"),
+        model=ModelConfig(path="/models/v1-5-pruned.safetensors"),
+        data=DataConfig(folder="/data/cats", resolution=768),
+        lora=LoraConfig(rank=RANK, alpha=ALPHA, targets=targets, train_text_encoder=True),
+        output=OutputConfig(lora_path=str(tmp_path / "cat_lora.safetensors"), name=name),
+    )
+
+
+def _metadata(cfg: RunConfig, tags: dict) -> dict[str, str]:
+    return lora_metadata(
+        cfg,
+        family=SD15,
+        num_train_images=3,
+        steps=120,
+        epoch=40,
+        tag_frequency=tags,
+        started_at=1_700_000_000.5,
+        finished_at=1_700_000_600.25,
+    )
+
+
+def test_metadata_keys_and_values(tmp_path):
+    cfg = _cfg(tmp_path)
+    tags = count_tags(["a cat, sitting ,  red", "a cat,,", "dog"], "cats")
+    assert tags == {"cats": {"a cat": 2, "sitting": 1, "red": 1, "dog": 1}}
+    metadata = _metadata(cfg, tags)
+    assert set(REQUIRED_KEYS) <= set(metadata)
+    assert all(isinstance(v, str) for v in metadata.values())
+    assert metadata["ss_network_module"] == "networks.lora"
+    assert (metadata["ss_network_dim"], float(metadata["ss_network_alpha"])) == (str(RANK), ALPHA)
+    assert metadata["ss_base_model_version"] == "sd_v1"
+    assert metadata["ss_resolution"] == "(768, 768)" and metadata["modelspec.resolution"] == "768x768"
+    assert (metadata["ss_steps"], metadata["ss_epoch"], metadata["ss_num_train_images"]) == ("120", "40", "3")
+    assert json.loads(metadata["ss_tag_frequency"]) == tags
+    assert json.loads(metadata["ss_network_args"]) == {"conv_dim": str(RANK), "conv_alpha": str(ALPHA)}
+    assert float(metadata["ss_training_started_at"]) == 1_700_000_000.5
+    assert float(metadata["ss_training_finished_at"]) == 1_700_000_600.25
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert metadata["modelspec.sai_model_spec"] == "1.0.0"
+    assert metadata["modelspec.title"] == metadata["ss_output_name"] == "cat_lora"
+    date = datetime.fromisoformat(metadata["modelspec.date"])
+    assert math.isclose(date.timestamp(), 1_700_000_600, abs_tol=1)
+    assert json.loads(metadata["lora_foundry.config"]) == cfg.to_dict()
+    assert float(metadata["ss_learning_rate"]) == cfg.train.learning_rate
+    for key in (
+        "ss_unet_lr",
+        "ss_text_encoder_lr",
+        "ss_max_grad_norm",
+        "ss_noise_offset",
+        "ss_min_snr_gamma",
+    ):
+        float(metadata[key])
+
+
+def test_metadata_variants(tmp_path):
+    metadata = _metadata(_cfg(tmp_path, name="My Cat", targets="attention"), {"cats": {}})
+    assert metadata["modelspec.title"] == metadata["ss_output_name"] == "My Cat"
+    assert "ss_network_args" not in metadata  # no conv layers: plain kohya LoRA
+    with pytest.raises(TypeError, match="dataset"):
+        _metadata(_cfg(tmp_path), {"a cat": 2})
+
+
+def test_metadata_round_trips_through_the_file(tmp_path):
+    metadata = _metadata(_cfg(tmp_path), count_tags(["a, b"], "cats"))
+    save_lora_file(tmp_path / "m.safetensors", _tensors(1.0), metadata, overwrite=False)
+    assert read_lora_file(tmp_path / "m.safetensors")[1] == metadata

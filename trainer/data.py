@@ -1,0 +1,537 @@
+"""Training data: find images and captions, validate them, and turn them into bucket-sized tensors.
+
+Two sources give the same list of `Item`s:
+  - a manifest: JSON written by the ComfyUI node (`write_manifest` / `read_manifest`);
+  - a folder of images, captioned by `metadata.jsonl` / `metadata.csv` (the Hugging Face imagefolder
+    convention) or by same-stem `.txt` files.
+
+Problems with the data are collected and raised together as one `DataError`, so a user fixes a folder
+in one pass instead of one file per run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from .config import Crop, DataConfig
+
+MANIFEST_FORMAT = "lora-foundry-manifest"
+MANIFEST_VERSION = 1
+IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+IMAGE_COLUMNS = ("file_name", "image", "file", "path", "filename")
+CAPTION_COLUMNS = ("text", "caption", "prompt", "captions", "description")
+
+# Our own limit, checked on the header before decoding. It is above Pillow's warning threshold (~89 MP)
+# and below its hard error (~179 MP), so Pillow's warning is silenced and its error reads as "too large".
+MAX_PIXELS = 100_000_000
+MIN_SIDE = 8  # smaller images cannot make even one latent pixel (the VAE downscales 8x)
+MIN_BUCKET_SIDE = 64
+
+
+class DataError(ValueError):
+    """Every problem found in the training data, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid training data:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class Item:
+    image: str  # absolute path
+    caption: str
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+
+def write_manifest(items: Iterable[Item], path: str | Path) -> None:
+    """Write items as a manifest, atomically, so a reader never sees half a file."""
+    items = list(items)
+    relative = [item.image for item in items if not os.path.isabs(item.image)]
+    if relative:
+        raise DataError([f"manifest image paths must be absolute: {p}" for p in relative])
+    document = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "items": [{"image": item.image, "caption": item.caption} for item in items],
+    }
+    _write_text_atomic(Path(path), json.dumps(document, ensure_ascii=False, indent=2) + "\n")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_manifest(path: str | Path) -> list[Item]:
+    """Read and validate a manifest; raise DataError naming every problem."""
+    document = _read_json(Path(path))
+    problems = _manifest_header_problems(document, path)
+    if problems:
+        raise DataError(problems)
+    items, problems = _manifest_items(document["items"], path)
+    if problems:
+        raise DataError(problems)
+    if not items:
+        raise DataError([f"{path}: the manifest lists no images"])
+    return items
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise DataError([f"{path}: manifest not found"]) from exc
+    except OSError as exc:
+        raise DataError([f"{path}: cannot read the manifest ({exc.strerror})"]) from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError([f"{path}: the manifest is not valid UTF-8 JSON ({exc})"]) from exc
+
+
+def _manifest_header_problems(document: Any, path: str | Path) -> list[str]:
+    if not isinstance(document, dict):
+        return [f"{path}: expected a JSON object, got {type(document).__name__}"]
+    problems = []
+    if document.get("format") != MANIFEST_FORMAT:
+        problems.append(
+            f"{path}: format is {document.get('format')!r}, expected {MANIFEST_FORMAT!r} "
+            "(not a LoRA Foundry manifest)"
+        )
+    if document.get("version") != MANIFEST_VERSION:
+        problems.append(
+            f"{path}: unsupported manifest version {document.get('version')!r} "
+            f"(this trainer reads version {MANIFEST_VERSION})"
+        )
+    if not isinstance(document.get("items"), list):
+        problems.append(f"{path}: 'items' must be a list")
+    return problems
+
+
+def _manifest_items(rows: list[Any], path: str | Path) -> tuple[list[Item], list[str]]:
+    items, problems = [], []
+    for index, row in enumerate(rows):
+        where = f"{path}: items[{index}]"
+        if not isinstance(row, dict):
+            problems.append(f"{where}: expected an object, got {type(row).__name__}")
+            continue
+        row_problems = _manifest_row_problems(row, where)
+        if row_problems:
+            problems += row_problems
+        else:
+            items.append(Item(image=row["image"], caption=row["caption"]))
+    return items, problems
+
+
+def _manifest_row_problems(row: dict[str, Any], where: str) -> list[str]:
+    problems = []
+    for key in ("image", "caption"):
+        if key not in row:
+            problems.append(f"{where}: missing field {key!r}")
+        elif not isinstance(row[key], str):
+            problems.append(f"{where}.{key}: expected a string, got {row[key]!r}")
+    image = row.get("image")
+    if isinstance(image, str) and not os.path.isabs(image):
+        problems.append(f"{where}.image: must be an absolute path, got {image!r}")
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------ folder
+
+
+def scan_folder(folder: Path) -> tuple[list[Item], list[str]]:
+    """Images directly in `folder`, sorted by file name, with their captions; plus warnings."""
+    items, warnings_ = _scan_folder(Path(folder))
+    return items, warnings_ + _caption_warnings(items)
+
+
+def _scan_folder(folder: Path) -> tuple[list[Item], list[str]]:
+    images = _list_images(folder)
+    metadata = [folder / name for name in METADATA_FILES if (folder / name).is_file()]
+    if len(metadata) > 1:
+        raise DataError([f"{folder}: has both metadata.jsonl and metadata.csv; keep one"])
+    if metadata:
+        captions = _captions_from_metadata(metadata[0], folder, images)
+    else:
+        captions = _captions_from_txt(folder, images)
+    items = [Item(image=str(path), caption=captions.get(path, "")) for path in images]
+    return items, _duplicate_stem_warnings(images)
+
+
+def _list_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise DataError([f"{folder}: folder not found" if not folder.exists() else f"{folder}: not a folder"])
+    files = [p for p in folder.iterdir() if p.is_file()]
+    images = sorted(
+        (p.resolve() for p in files if p.suffix.lower() in IMAGE_EXTENSIONS), key=lambda p: p.name
+    )
+    if not files:
+        raise DataError([f"{folder}: the folder is empty"])
+    if not images:
+        raise DataError(
+            [f"{folder}: no images ({len(files)} files, none ending in {', '.join(IMAGE_EXTENSIONS)})"]
+        )
+    return images
+
+
+def _captions_from_txt(folder: Path, images: list[Path]) -> dict[Path, str]:
+    txt_by_stem = {p.stem: p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".txt"}
+    captions, problems = {}, []
+    for image in images:
+        txt = txt_by_stem.get(image.stem)
+        if txt is None:
+            continue
+        try:
+            captions[image] = txt.read_text(encoding="utf-8-sig").strip()
+        except UnicodeDecodeError:
+            problems.append(f"{txt}: caption is not UTF-8 text")
+    if problems:
+        raise DataError(problems)
+    return captions
+
+
+def _duplicate_stem_warnings(images: list[Path]) -> list[str]:
+    stems = Counter(p.stem for p in images)
+    clashes = [p.name for p in images if stems[p.stem] > 1]
+    if not clashes:
+        return []
+    return [
+        f"images share a file name stem, so a .txt caption would apply to all of them: {', '.join(clashes)}"
+    ]
+
+
+def _caption_warnings(items: list[Item]) -> list[str]:
+    missing = sum(1 for item in items if not item.caption)
+    if not missing:
+        return []
+    return [f"{missing} of {len(items)} images have no caption; they train with an empty caption"]
+
+
+# ---------------------------------------------------------------------------------------------- metadata
+
+
+def _captions_from_metadata(path: Path, folder: Path, images: list[Path]) -> dict[Path, str]:
+    columns, rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path)
+    image_column, caption_column = _pick_columns(path, columns, rows)
+    captions, problems = _match_rows(path, rows, image_column, caption_column, folder, set(images))
+    if problems:
+        raise DataError(problems)
+    return captions
+
+
+def _read_jsonl(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    rows, problems = [], []
+    for number, line in enumerate(_read_metadata_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(f"{path}: line {number}: not valid JSON ({exc.msg})")
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            problems.append(f"{path}: line {number}: expected an object, got {type(row).__name__}")
+    if problems:
+        raise DataError(problems)
+    return list(dict.fromkeys(key for row in rows for key in row)), rows
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    reader = csv.DictReader(_read_metadata_text(path).splitlines())
+    rows = list(reader)
+    return list(reader.fieldnames or []), rows
+
+
+def _read_metadata_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets often write a BOM
+    except UnicodeDecodeError as exc:
+        raise DataError([f"{path}: not UTF-8 text"]) from exc
+
+
+def _pick_columns(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """The image and caption columns, chosen by name (never by position)."""
+    image_column = _column_by_name(columns, IMAGE_COLUMNS)
+    if image_column is None:
+        expected = ", ".join(IMAGE_COLUMNS)
+        raise DataError(
+            [f"{path}: no image column (columns: {', '.join(columns)}; expected one of {expected})"]
+        )
+    caption_column = _column_by_name(columns, CAPTION_COLUMNS)
+    if caption_column is not None:
+        return image_column, caption_column
+    # no conventional name: accept the one other column that holds only text
+    text_columns = [
+        c for c in columns if c != image_column and all(isinstance(r.get(c, ""), str) for r in rows)
+    ]
+    if len(text_columns) > 1:
+        names = ", ".join(text_columns)
+        raise DataError([f"{path}: cannot tell which column is the caption ({names}); rename one to 'text'"])
+    return image_column, (text_columns[0] if text_columns else None)
+
+
+def _column_by_name(columns: list[str], names: tuple[str, ...]) -> str | None:
+    by_name = {c.strip().lower(): c for c in reversed(columns)}  # reversed: the first spelling wins
+    return next((by_name[name] for name in names if name in by_name), None)
+
+
+def _match_rows(
+    path: Path,
+    rows: list[dict[str, Any]],
+    image_column: str,
+    caption_column: str | None,
+    folder: Path,
+    images: set[Path],
+) -> tuple[dict[Path, str], list[str]]:
+    captions: dict[Path, str] = {}
+    problems = []
+    for number, row in enumerate(rows, start=1):
+        where = f"{path}: row {number}"
+        name = row.get(image_column)
+        if not isinstance(name, str) or not name.strip():
+            problems.append(f"{where}: no file name in column {image_column!r}")
+            continue
+        target = (folder / name.strip()).resolve()
+        caption = row.get(caption_column) if caption_column else ""
+        problem = _row_problem(target, name, caption, images, captions)
+        if problem:
+            problems.append(f"{where}: {problem}")
+        else:
+            captions[target] = (caption or "").strip()
+    return captions, problems
+
+
+def _row_problem(
+    target: Path, name: str, caption: Any, images: set[Path], seen: dict[Path, str]
+) -> str | None:
+    if target not in images:
+        if not target.exists():
+            return f"{name!r}: file not found"
+        return f"{name!r}: not an image directly in the folder (subfolders are not scanned)"
+    if target in seen:
+        return f"{name!r}: listed more than once"
+    if caption is not None and not isinstance(caption, str):
+        return f"{name!r}: caption is not text ({caption!r})"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def load_items(data: DataConfig) -> tuple[list[Item], list[str]]:
+    """The items named by the data config (manifest or folder), limited to the first `top_rows`."""
+    if data.manifest:
+        items, warnings_ = read_manifest(data.manifest), []
+    elif data.folder:
+        items, warnings_ = _scan_folder(Path(data.folder))
+    else:
+        raise DataError(["data: give a manifest or a folder"])
+    if 0 < data.top_rows < len(items):
+        warnings_.append(f"top_rows={data.top_rows}: using the first {data.top_rows} of {len(items)} images")
+        items = items[: data.top_rows]
+    return items, warnings_ + _caption_warnings(items)
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """The image at `path`, upright and in RGB, fully decoded; DataError naming the file if unusable."""
+    path = Path(path)
+    try:
+        return _open_checked(path)
+    except DataError:
+        raise
+    except Exception as exc:  # image decoders raise many types; any of them means "unusable file"
+        raise DataError([f"{path}: {_describe_failure(path, exc)}"]) from exc
+
+
+def _open_checked(path: Path) -> Image.Image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS decides instead
+        with Image.open(path) as image:
+            _check_size(path, *image.size)
+            image.load()
+            return _to_rgb(ImageOps.exif_transpose(image))
+
+
+def _check_size(path: Path, width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        megapixels = width * height / 1e6
+        raise DataError(
+            [f"{path}: too large ({width}x{height} = {megapixels:.1f} MP; limit {MAX_PIXELS / 1e6:g} MP)"]
+        )
+    if width < MIN_SIDE or height < MIN_SIDE:
+        raise DataError([f"{path}: too small ({width}x{height}; at least {MIN_SIDE}x{MIN_SIDE} px)"])
+
+
+def _describe_failure(path: Path, exc: Exception) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    if isinstance(exc, IsADirectoryError):
+        return "is a folder, not an image"
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"too large (over {MAX_PIXELS / 1e6:g} MP)"
+    if isinstance(exc, UnidentifiedImageError):
+        return (
+            "empty file (0 bytes)"
+            if path.stat().st_size == 0
+            else "not an image (or a format Pillow cannot read)"
+        )
+    return f"truncated or corrupt ({type(exc).__name__}: {exc})"
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode.startswith("I"):
+        image = _sixteen_bit_to_l(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        return _over_white(image.convert("RGBA"))
+    return image.convert("RGB")  # covers L, 1, P, CMYK, YCbCr, RGB (convert always returns a copy)
+
+
+def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
+    """Scale 16-bit grey to 8 bits; Pillow's own convert would clip everything above 255 to white."""
+    values = np.asarray(image).astype(np.float64)
+    # "I;16*" is 16-bit by definition; plain "I" carries no bit depth, so 8-bit range is taken as 8-bit
+    if image.mode.startswith("I;16") or values.max(initial=0) > 255:
+        values = values / 257.0
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+
+
+def _over_white(image: Image.Image) -> Image.Image:
+    background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, image).convert("RGB")
+
+
+def check_images(items: Iterable[Item]) -> None:
+    """Open every image; raise one DataError listing every unusable file and why."""
+    problems = []
+    for item in items:
+        try:
+            open_image(item.image).close()
+        except DataError as exc:
+            problems += exc.problems
+    if problems:
+        raise DataError(problems)
+
+
+# ----------------------------------------------------------------------------------------------- buckets
+
+
+def make_buckets(resolution: int, step: int = 64, max_aspect: float = 2.0) -> list[tuple[int, int]]:
+    """(width, height) buckets of about resolution² pixels, sorted from tallest to widest.
+
+    For every short side that is a multiple of `step`, the long side is the largest multiple of `step`
+    keeping the area <= resolution²; pairs beyond `max_aspect` are dropped, and each portrait bucket
+    has its landscape twin. The square bucket is exactly (resolution, resolution) even when resolution
+    is not a multiple of step: it then matches the non-bucketing size, so square images train at the
+    requested resolution either way (resolution is a multiple of 8, which is all the VAE needs).
+    """
+    return list(_buckets(resolution, step, max_aspect))
+
+
+@lru_cache(maxsize=16)
+def _buckets(resolution: int, step: int, max_aspect: float) -> tuple[tuple[int, int], ...]:
+    if resolution < 8 or step < 8 or max_aspect < 1.0:
+        raise ValueError(
+            f"bad bucket settings: resolution={resolution}, step={step}, max_aspect={max_aspect}"
+        )
+    area = resolution * resolution
+    buckets = {(resolution, resolution)}
+    for short in range(step, resolution, step):
+        long = area // short // step * step
+        if short < long <= short * max_aspect:
+            buckets |= {(short, long), (long, short)}
+    return tuple(sorted(buckets, key=lambda wh: wh[0] / wh[1]))
+
+
+def bucket_for(width: int, height: int, data: DataConfig) -> tuple[int, int]:
+    """The (width, height) an image of this size trains at.
+
+    Bucketing off: always (resolution, resolution), upscaling small images. Bucketing on: the bucket
+    with the nearest aspect ratio, shrunk (sides rounded down to multiples of 8) when the image is
+    smaller than it on either side, so an image is never upscaled.
+    """
+    if not data.bucketing:
+        return data.resolution, data.resolution
+    buckets = _buckets(data.resolution, data.bucket_step, data.max_bucket_aspect)
+    target = math.log(width / height)
+    bucket_w, bucket_h = min(buckets, key=lambda wh: (abs(math.log(wh[0] / wh[1]) - target), -wh[0] * wh[1]))
+    # "fits on both sides" rather than "fewer pixels": covering the bucket must not upscale either side
+    scale = min(1.0, width / bucket_w, height / bucket_h)
+    return _shrink_side(bucket_w * scale, width), _shrink_side(bucket_h * scale, height)
+
+
+def _shrink_side(scaled: float, source: int) -> int:
+    """Round down to a multiple of 8, but keep at least 64 (or the source side, if shorter)."""
+    floor = min(MIN_BUCKET_SIDE, source // 8 * 8)
+    return max(8, floor, int(scaled) // 8 * 8)
+
+
+# ------------------------------------------------------------------------------------------------ pixels
+
+
+def prepare_image(
+    image: Image.Image, bucket: tuple[int, int], crop: Crop, rng: random.Random | None
+) -> torch.Tensor:
+    """A (3, H, W) float32 tensor in [-1, 1] of exactly the bucket's size.
+
+    The image is resized (bilinear, antialiased) to cover the bucket, keeping its aspect ratio, then
+    cropped: centered, or at an offset drawn from `rng` (required for random crops).
+    """
+    bucket_w, bucket_h = bucket
+    # resize while still uint8: half the time and a quarter of the memory of float32 on photos
+    pixels = _resize_to_cover(F.to_image(image.convert("RGB")), bucket_w, bucket_h)
+    top, left = _crop_offsets(pixels.shape[-2] - bucket_h, pixels.shape[-1] - bucket_w, crop, rng)
+    pixels = F.crop(pixels, top, left, bucket_h, bucket_w)
+    tensor = F.to_dtype(pixels, torch.float32, scale=True)
+    return (tensor * 2.0 - 1.0).as_subclass(torch.Tensor).contiguous()
+
+
+def _resize_to_cover(tensor: torch.Tensor, bucket_w: int, bucket_h: int) -> torch.Tensor:
+    height, width = tensor.shape[-2:]
+    scale = max(bucket_w / width, bucket_h / height)
+    # max(): rounding must never leave a side one pixel short of the bucket
+    size = [max(bucket_h, round(height * scale)), max(bucket_w, round(width * scale))]
+    if size == [height, width]:
+        return tensor
+    return F.resize(tensor, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+
+def _crop_offsets(spare_h: int, spare_w: int, crop: Crop, rng: random.Random | None) -> tuple[int, int]:
+    if crop == "center":
+        return spare_h // 2, spare_w // 2
+    if crop != "random":
+        raise ValueError(f"unknown crop {crop!r} (expected 'center' or 'random')")
+    if rng is None:
+        raise ValueError("a random crop needs an rng")
+    return rng.randint(0, spare_h), rng.randint(0, spare_w)
+
+
+def flip(tensor: torch.Tensor) -> torch.Tensor:
+    """The image mirrored left to right."""
+    return F.horizontal_flip(tensor)

@@ -1,0 +1,85 @@
+"""The caching pass: every image through the VAE once (plain and flipped), every caption through the
+text encoder once, looked up in and added to the content-keyed cache."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .cache import FileHashes, TensorCache, fingerprint, sha256_file
+from .config import RunConfig
+from .data import Item, bucket_for, flip, open_image, prepare_image
+from .families import Components, ModelFamily
+from .schedule import derive_seed
+
+
+@dataclass
+class Encoded:
+    latents: torch.Tensor  # (C, h, w), already scaled by the VAE's scaling factor
+    latents_flipped: torch.Tensor | None
+    input_ids: torch.Tensor  # (tokens,)
+    text: torch.Tensor | None  # (tokens, dim); None when the text encoder trains
+
+
+def model_digest(components: Components, cache_root: Path) -> str:
+    hashes = FileHashes(cache_root / "file-hashes.json")
+    return fingerprint([hashes.digest(p) for p in components.source_hash_inputs])
+
+
+def encode_dataset(
+    cfg: RunConfig,
+    family: ModelFamily,
+    components: Components,
+    items: list[Item],
+    device: torch.device,
+    progress: Callable[[int, int, int], None],
+) -> list[Encoded]:
+    """Encode (or fetch from cache) every item. `progress(done, total, hits)` is called per item."""
+    data = cfg.data
+    digest = model_digest(components, cfg.cache_dir)
+    latents_cache = TensorCache(cfg.cache_dir, "latents")
+    text_cache = TensorCache(cfg.cache_dir, "text")
+    vae, text_encoder = components.vae, components.text_encoder
+    scaling = vae.config.scaling_factor
+    encoded, hits = [], 0
+    for index, item in enumerate(items):
+        image = open_image(item.image)
+        bucket = bucket_for(image.width, image.height, data)
+        image_digest = sha256_file(item.image)
+        crop_rng = random.Random(derive_seed(cfg.train.seed, int(image_digest[:15], 16)))
+        key = fingerprint("latents-v1", digest, image_digest, bucket, data.crop, data.random_flip, cfg.train.seed)
+        cached = latents_cache.get(key)
+        if cached is None:
+            pixels = prepare_image(image, bucket, data.crop, crop_rng if data.crop == "random" else None)
+            variants = {"plain": pixels} | ({"flipped": flip(pixels)} if data.random_flip else {})
+            cached = {
+                name: _encode_image(vae, p, device) * scaling for name, p in variants.items()
+            }
+            latents_cache.put(key, cached)
+        else:
+            hits += 1
+        input_ids = family.tokenize(components.tokenizer, [item.caption])[0]
+        text = None
+        if not cfg.lora.train_text_encoder:
+            text_key = fingerprint("text-v1", digest, input_ids.tolist())
+            text_entry = text_cache.get(text_key)
+            if text_entry is None:
+                with torch.no_grad():
+                    embedding = family.encode_text(text_encoder.to(device), input_ids[None])[0]
+                text_entry = {"text": embedding}
+                text_cache.put(text_key, text_entry)
+            text = text_entry["text"]
+        encoded.append(Encoded(cached["plain"], cached.get("flipped"), input_ids, text))
+        progress(index + 1, len(items), hits)
+    return encoded
+
+
+def _encode_image(vae: torch.nn.Module, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    vae.to(device)
+    with torch.no_grad():
+        batch = pixels[None].to(device, vae.dtype)
+        return vae.encode(batch).latent_dist.mode()[0].float()

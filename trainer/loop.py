@@ -1,0 +1,420 @@
+"""The training run: set up once, then the step loop (`train`), readable top to bottom."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import compute_snr
+from peft import LoraConfig as PeftLoraConfig
+from peft import inject_adapter_in_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from tqdm.auto import tqdm
+
+from .config import RunConfig
+from .data import check_images, load_items
+from .encode import Encoded, encode_dataset
+from .events import EventLog
+from .families import Components, ModelFamily, get_family
+from .lora_file import count_tags, kohya_state_dict, lora_metadata, save_lora_file
+from .resume import load_checkpoint, newest_checkpoint, save_checkpoint
+from .sampling import render_samples
+from .schedule import EpochPlan, Slot, derive_seed, draw
+
+
+class Cancelled(Exception):
+    """SIGTERM/SIGINT arrived; a checkpoint was saved where there was training to keep."""
+
+
+def make_accelerator(cfg: RunConfig, warn: Callable[[str], None]) -> Accelerator:
+    t = cfg.train
+    has_cuda = torch.cuda.is_available()
+    if t.device == "cuda" and not has_cuda:
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible to the trainer")
+    on_cpu = t.device == "cpu" or not has_cuda
+    precision = t.mixed_precision
+    if on_cpu and precision == "fp16":
+        warn("fp16 mixed precision needs a GPU; training on the CPU in fp32 (mixed_precision 'no')")
+        precision = "no"
+    # cpu=True is what makes a multi-process launch on the CPU join one gloo group
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision=precision)
+    require_one_group(int(os.environ.get("WORLD_SIZE", "1")), accelerator.num_processes)
+    return accelerator
+
+
+def require_one_group(world_size: int, processes: int) -> None:
+    if world_size > 1 and processes == 1:
+        raise RuntimeError(
+            f"launched as {world_size} processes but they did not form one group; each would train alone. "
+            "Launch with --multi_gpu (on the CPU too) or set train.device to match the machine"
+        )
+
+
+def weight_dtype(accelerator: Accelerator) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def add_lora(cfg: RunConfig, family: ModelFamily, components: Components) -> list[torch.nn.Parameter]:
+    """Add the adapters (seeded, so every process starts equal) and return the trainable parameters in fp32."""
+    lo = cfg.lora
+    torch.manual_seed(cfg.train.seed)
+    modules = [(components.unet, family.unet_targets(lo.targets))]
+    if lo.train_text_encoder:
+        modules.append((components.text_encoder, family.text_encoder_targets(lo.targets)))
+    params = []
+    for module, targets in modules:
+        config = PeftLoraConfig(
+            r=lo.rank,
+            lora_alpha=lo.alpha,
+            init_lora_weights=True if lo.init == "default" else lo.init,
+            target_modules=targets,
+            lora_dropout=lo.dropout,
+        )
+        inject_adapter_in_model(config, module)  # works for diffusers and transformers models alike
+        for p in module.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+                params.append(p)
+    return params
+
+
+def make_optimizer(cfg: RunConfig, unet_params: list, te_params: list, on_cuda: bool) -> torch.optim.Optimizer:
+    t = cfg.train
+    groups = [{"params": unet_params, "lr": t.learning_rate}]
+    if te_params:
+        groups.append({"params": te_params, "lr": t.text_encoder_learning_rate or t.learning_rate})
+    kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay, eps=t.adam_epsilon)
+    if t.optimizer == "adamw8bit":
+        if not on_cuda:
+            raise RuntimeError("optimizer 'adamw8bit' (bitsandbytes) needs a CUDA GPU; use 'adamw' on this machine")
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise RuntimeError("optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes") from exc
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def total_steps(cfg: RunConfig, plan: EpochPlan) -> int:
+    t = cfg.train
+    if t.max_steps:
+        return t.max_steps
+    return math.ceil(t.epochs * plan.batches_per_epoch / t.gradient_accumulation_steps)
+
+
+def denoising_loss(
+    pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler: Any, min_snr_gamma: float
+) -> torch.Tensor:
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if min_snr_gamma:
+        snr = compute_snr(scheduler, timesteps)
+        weight = torch.clamp(snr, max=min_snr_gamma) / snr
+        if scheduler.config.prediction_type == "v_prediction":
+            weight = torch.clamp(snr, max=min_snr_gamma) / (snr + 1)
+        per_sample = per_sample * weight
+    return per_sample.mean()
+
+
+def assemble_batch(
+    cfg: RunConfig, encoded: list[Encoded], slots: list[Slot], epoch: int, timesteps: int
+) -> dict[str, torch.Tensor]:
+    """Stack latents / text for the slots, with each slot's own seeded noise, timestep and flip."""
+    latents, noise, steps, texts, ids = [], [], [], [], []
+    for slot in slots:
+        sample = encoded[slot.item]
+        d = draw(cfg.train.seed, epoch, slot.slot, tuple(sample.latents.shape), timesteps, cfg.train.noise_offset)
+        use_flip = d.flip and sample.latents_flipped is not None
+        latents.append(sample.latents_flipped if use_flip else sample.latents)
+        noise.append(d.noise)
+        steps.append(d.timestep)
+        ids.append(sample.input_ids)
+        if sample.text is not None:
+            texts.append(sample.text)
+    batch = {
+        "latents": torch.stack(latents),
+        "noise": torch.stack(noise),
+        "timesteps": torch.tensor(steps, dtype=torch.long),
+        "input_ids": torch.stack(ids),
+    }
+    if texts:
+        batch["text"] = torch.stack(texts)
+    return batch
+
+
+class Trainer:
+    """Holds the run's state between setup and the step loop."""
+
+    def __init__(self, cfg: RunConfig, events: EventLog, stop_requested: Callable[[], bool]):
+        self.cfg = cfg
+        self.events = events
+        self.stop_requested = stop_requested
+        self.family = get_family(cfg.model.family)
+        self.started_at = time.time()
+        self.steps_done = 0
+        self.epoch = 0
+
+    def warn(self, message: str) -> None:
+        self.events.emit("warning", message=message)
+        tqdm.write(f"warning: {message}")
+
+    def check_stop(self) -> None:
+        if self.stop_requested():
+            raise Cancelled()
+
+    def check_stop_together(self) -> None:
+        """Every process stops at the same step boundary, or collectives would pair up wrongly."""
+        flag = torch.tensor(float(self.stop_requested()), device=self.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        if flag.item() > 0:
+            raise Cancelled()
+
+    # ---- setup -----------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        lora_path = Path(cfg.output.lora_path)
+        if lora_path.exists() and not cfg.output.overwrite:
+            raise FileExistsError(f"{lora_path} exists; set output.overwrite to replace it")
+        self.accelerator = acc = make_accelerator(cfg, self.warn)
+        self.device = acc.device
+        self.items, warnings = load_items(cfg.data)
+        for message in warnings:
+            self.warn(message)
+        check_images(self.items)
+        self.family.check(cfg.model)
+        self.events.emit("loading", model=cfg.model.path)
+        self.components = self.family.load(cfg.model, weight_dtype(acc))
+        self.components.unet.to(self.device)
+        with acc.main_process_first():  # the main process fills the disk cache, the others read it
+            self.encoded = encode_dataset(cfg, self.family, self.components, self.items, self.device, self._cached)
+        self._truncation_warning()
+        self._free_encoders()
+        buckets = [tuple(e.latents.shape[-2:]) for e in self.encoded]
+        global_batch = cfg.train.batch_size * acc.num_processes
+        self.plan = EpochPlan(buckets, cfg.data.repeats, global_batch, cfg.train.seed)
+        self.total_steps = total_steps(cfg, self.plan)
+        params = add_lora(cfg, self.family, self.components)
+        if cfg.train.gradient_checkpointing:
+            self.components.unet.enable_gradient_checkpointing()
+        self.params = params
+        te_params = [p for p in self.components.text_encoder.parameters() if p.requires_grad]
+        unet_params = [p for p in self.components.unet.parameters() if p.requires_grad]
+        optimizer = make_optimizer(cfg, unet_params, te_params, self.device.type == "cuda")
+        schedule = cfg.train.lr_scheduler
+        if schedule == "constant" and cfg.train.lr_warmup_steps:
+            schedule = "constant_with_warmup"  # diffusers' "constant" ignores warmup steps
+        self.lr_scheduler = get_scheduler(
+            schedule,
+            optimizer=optimizer,
+            num_warmup_steps=cfg.train.lr_warmup_steps,
+            num_training_steps=self.total_steps,
+        )
+        models = [self.components.unet] + ([self.components.text_encoder] if te_params else [])
+        prepared = acc.prepare(*models, optimizer)
+        self.models, self.optimizer = list(prepared[:-1]), prepared[-1]
+        self.start_step = self.steps_done = self._resume()
+        self.events.emit(
+            "start",
+            total_steps=self.total_steps,
+            start_step=self.start_step,
+            images=len(self.items),
+            buckets={f"{w * 8}x{h * 8}": n for (h, w), n in sorted(Counter(buckets).items())},
+            batches_per_epoch=self.plan.batches_per_epoch,
+            processes=acc.num_processes,
+            device=str(self.device),
+            mixed_precision=acc.mixed_precision,
+            trainable_parameters=sum(p.numel() for p in params),
+        )
+
+    def _cached(self, done: int, total: int, hits: int) -> None:
+        self.events.emit("cache", done=done, total=total, hits=hits)
+        self.check_stop()
+
+    def _truncation_warning(self) -> None:
+        tokenizer, limit = self.components.tokenizer, self.family.max_tokens
+        long = sum(len(tokenizer(item.caption).input_ids) > limit for item in self.items)
+        if long:
+            self.warn(f"{long} caption(s) longer than {limit} tokens were truncated")
+
+    def _free_encoders(self) -> None:
+        """Move the VAE (and a frozen text encoder) off the accelerator before the first step."""
+        c = self.components
+        c.vae.to("cpu")
+        if not self.cfg.lora.train_text_encoder:
+            c.text_encoder.to("cpu")
+        else:
+            c.text_encoder.to(self.device)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _resume(self) -> int:
+        cfg = self.cfg
+        newest = newest_checkpoint(cfg.run_dir) if cfg.train.resume else None
+        if newest is None:
+            return 0
+        state = load_checkpoint(newest)
+        unet_sd = {k[len("unet.") :]: v for k, v in state["adapter"].items() if k.startswith("unet.")}
+        te_sd = {k[len("text_encoder.") :]: v for k, v in state["adapter"].items() if k.startswith("text_encoder.")}
+        set_peft_model_state_dict(self.components.unet, unet_sd)
+        if te_sd:
+            set_peft_model_state_dict(self.components.text_encoder, te_sd)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict({k: v for k, v in state["scheduler"].items() if v is not None})
+        if state["scaler"] and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        self.events.emit("resume", step=state["step"], checkpoint=str(newest))
+        return state["step"]
+
+    # ---- the step loop ---------------------------------------------------------------------------
+    def train(self) -> Path:
+        cfg, acc, t = self.cfg, self.accelerator, self.cfg.train
+        scheduler = self.components.noise_scheduler
+        prediction_type = scheduler.config.prediction_type
+        accum = t.gradient_accumulation_steps
+        rank, world, local = acc.process_index, acc.num_processes, t.batch_size
+        bar = tqdm(total=self.total_steps, initial=self.start_step, desc="training", disable=not acc.is_main_process)
+        smoothed, last_time, batches_cache = None, time.time(), {}
+        for model in self.models:
+            model.train()
+        step = self.start_step
+        for step in range(self.start_step, self.total_steps):
+            self.check_stop_together()
+            torch.manual_seed(derive_seed(t.seed, step, 4))  # LoRA dropout, the same on resume
+            losses = []
+            for micro in range(accum):
+                epoch, index = divmod(step * accum + micro, self.plan.batches_per_epoch)
+                if epoch not in batches_cache:
+                    batches_cache = {epoch: self.plan.batches(epoch)}
+                slots = batches_cache[epoch][index][rank * local : (rank + 1) * local]
+                batch = assemble_batch(cfg, self.encoded, slots, epoch, scheduler.config.num_train_timesteps)
+                latents, noise = batch["latents"].to(self.device), batch["noise"].to(self.device)
+                timesteps = batch["timesteps"].to(self.device)
+                noisy = scheduler.add_noise(latents, noise, timesteps)
+                target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+                syncing = micro == accum - 1
+                with contextlib.ExitStack() as stack:
+                    if not syncing:
+                        for model in self.models:
+                            stack.enter_context(acc.no_sync(model))
+                    text = batch["text"].to(self.device) if "text" in batch else self._encode_text(batch)
+                    pred = self.family.predict(self.models[0], noisy, timesteps, text)
+                    loss = denoising_loss(pred, target, timesteps, scheduler, t.min_snr_gamma)
+                    acc.backward(loss / accum)
+                losses.append(loss.detach())
+            grad_norm = acc.clip_grad_norm_(self.params, t.max_grad_norm) if t.max_grad_norm else None
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+            done = self.steps_done = step + 1
+            self.epoch = epoch
+            step_loss = acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
+            smoothed = step_loss if smoothed is None else 0.9 * smoothed + 0.1 * step_loss
+            now = time.time()
+            seconds, last_time = now - last_time, now
+            images_per_s = t.batch_size * world * accum / max(seconds, 1e-9)
+            eta = (self.total_steps - done) * seconds
+            self.events.emit(
+                "step",
+                step=done,
+                total_steps=self.total_steps,
+                epoch=epoch,
+                loss=step_loss,
+                smoothed_loss=smoothed,
+                lr=self.lr_scheduler.get_last_lr()[0],
+                grad_norm=None if grad_norm is None else float(grad_norm),
+                images_per_s=images_per_s,
+                eta_s=eta,
+            )
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
+            if t.save_every_steps and done % t.save_every_steps == 0 and done < self.total_steps:
+                self.save_checkpoint(done)
+            if cfg.sample.prompts and cfg.sample.every_steps and done % cfg.sample.every_steps == 0:
+                self.sample(done)
+        bar.close()
+        if cfg.sample.prompts and not (cfg.sample.every_steps and self.total_steps % cfg.sample.every_steps == 0):
+            self.sample(self.total_steps)
+        return self.save_final()
+
+    def _encode_text(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.family.encode_text(self.models[1], batch["input_ids"].to(self.device))
+
+    # ---- outputs ---------------------------------------------------------------------------------
+    def _unwrapped(self) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+        unet = self.accelerator.unwrap_model(self.models[0])
+        te = self.accelerator.unwrap_model(self.models[1]) if len(self.models) > 1 else None
+        return unet, te
+
+    def _lora_tensors(self) -> dict[str, torch.Tensor]:
+        unet, te = self._unwrapped()
+        return kohya_state_dict(unet, te, alpha=self.cfg.lora.alpha, prefixes=self.family.lora_prefixes)
+
+    def dataset_label(self) -> str:
+        data = self.cfg.data
+        return Path(data.folder).name if data.folder else Path(data.manifest or "dataset").stem
+
+    def _write_lora(self, path: Path, steps: int, overwrite: bool) -> None:
+        metadata = lora_metadata(
+            self.cfg,
+            family=self.family,
+            num_train_images=len(self.items) * self.cfg.data.repeats,
+            steps=steps,
+            epoch=self.epoch,
+            tag_frequency=count_tags((item.caption for item in self.items), self.dataset_label()),
+            started_at=self.started_at,
+            finished_at=time.time(),
+            max_train_steps=self.total_steps,
+        )
+        save_lora_file(path, self._lora_tensors(), metadata, overwrite=overwrite)
+
+    def save_checkpoint(self, step: int) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            unet, te = self._unwrapped()
+            adapter = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
+            if te is not None:
+                adapter |= {f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(te).items()}
+            folder = save_checkpoint(
+                self.cfg.run_dir,
+                step,
+                adapter=adapter,
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.lr_scheduler.state_dict(),
+                scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
+                write_lora=lambda p: self._write_lora(p, step, overwrite=True),
+            )
+            self.events.emit("checkpoint", step=step, path=str(folder), lora=str(folder / "lora.safetensors"))
+        acc.wait_for_everyone()
+
+    def sample(self, step: int) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            unet, _ = self._unwrapped()
+            for path in render_samples(self.cfg, self.family, self.components, unet, self.device, step):
+                self.events.emit("sample", step=step, path=str(path))
+        acc.wait_for_everyone()
+
+    def save_final(self) -> Path:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        path = Path(self.cfg.output.lora_path)
+        if acc.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._write_lora(path, self.total_steps, overwrite=self.cfg.output.overwrite)
+        acc.wait_for_everyone()
+        return path

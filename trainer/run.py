@@ -1,0 +1,107 @@
+"""Entry point: `accelerate launch [flags] trainer/run.py --config RUN_DIR/config.json`.
+
+Exit codes: 0 done; 1 failed (an `error` event says why); 2 invalid config; 128+signal when stopped by
+SIGTERM/SIGINT (after saving a checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script path: make the package importable whatever the folder is called
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from trainer.config import ConfigError, load_config  # noqa: E402
+from trainer.events import EventLog  # noqa: E402
+
+EXIT_FAILED, EXIT_CONFIG = 1, 2
+
+
+class StopSignal:
+    """Remembers the first SIGTERM/SIGINT; the loop checks it between steps."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.signum = self.signum or signum
+
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def report_config_error(config_path: str, error: ConfigError) -> None:
+    print(error, file=sys.stderr)
+    try:
+        run_dir = json.loads(Path(config_path).read_text())["run_dir"]
+    except Exception:
+        return
+    if isinstance(run_dir, str) and run_dir and is_main_process():
+        log = EventLog(Path(run_dir) / "events.jsonl")
+        log.emit("error", kind="ConfigError", message=str(error), problems=error.problems)
+        log.close()
+
+
+def failure_message(exc: BaseException) -> str:
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return (
+            f"out of memory: {exc}. Lower train.batch_size, turn on train.gradient_checkpointing, "
+            "or lower data.resolution"
+        )
+    return f"{type(exc).__name__}: {exc}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train a LoRA from a LoRA Foundry run config.")
+    parser.add_argument("--config", required=True, help="path to RUN_DIR/config.json")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as error:
+        report_config_error(args.config, error)
+        return EXIT_CONFIG
+
+    from trainer.loop import Cancelled, Trainer
+
+    stop = StopSignal()
+    events = EventLog(Path(cfg.run_dir) / "events.jsonl", enabled=is_main_process())
+    trainer = Trainer(cfg, events, stop.requested)
+    began = time.time()
+    try:
+        trainer.setup()
+        lora = trainer.train()
+        events.emit("done", lora=str(lora), steps=trainer.steps_done, seconds=round(time.time() - began, 3))
+        return 0
+    except Cancelled:
+        if trainer.steps_done > trainer.start_step:
+            trainer.save_checkpoint(trainer.steps_done)
+        events.emit("cancelled", step=trainer.steps_done, signal=stop.signum)
+        return 128 + (stop.signum or signal.SIGTERM)
+    except Exception as exc:
+        message = failure_message(exc)
+        tail = traceback.format_exc().splitlines()[-25:]
+        events.emit("error", kind=type(exc).__name__, message=message, traceback="\n".join(tail))
+        print(f"error: {message}", file=sys.stderr)
+        traceback.print_exc()
+        return EXIT_FAILED
+    finally:
+        events.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Validation samples: the training UNet (LoRA active) rendering fixed prompts with a fixed seed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL.PngImagePlugin import PngInfo
+
+from .config import RunConfig
+from .families import Components, ModelFamily
+
+
+def render_samples(
+    cfg: RunConfig,
+    family: ModelFamily,
+    components: Components,
+    unet: torch.nn.Module,
+    device: torch.device,
+    step: int,
+) -> list[Path]:
+    s = cfg.sample
+    width, height = s.width or cfg.data.resolution, s.height or cfg.data.resolution
+    out_dir = Path(cfg.run_dir) / "samples"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    components.vae.to(device)
+    components.text_encoder.to(device)
+    pipe = family.sampling_pipeline(components, unet)
+    pipe.set_progress_bar_config(disable=True)
+    was_training = unet.training
+    unet.eval()
+    paths = []
+    try:
+        for index, prompt in enumerate(s.prompts):
+            generator = torch.Generator("cpu").manual_seed(s.seed + index)
+            with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
+                image = pipe(
+                    prompt=prompt,
+                    negative_prompt=s.negative_prompt or None,
+                    num_inference_steps=s.steps,
+                    guidance_scale=s.guidance_scale,
+                    width=width,
+                    height=height,
+                    generator=generator,
+                ).images[0]
+            info = PngInfo()
+            info.add_text("prompt", prompt)
+            info.add_text("negative_prompt", s.negative_prompt)
+            info.add_text("seed", str(s.seed + index))
+            info.add_text("step", str(step))
+            path = out_dir / f"step-{step:08d}-{index:02d}.png"
+            image.save(path, pnginfo=info)
+            paths.append(path)
+    finally:
+        unet.train(was_training)
+        if not cfg.lora.train_text_encoder:
+            components.text_encoder.to("cpu")
+        components.vae.to("cpu")
+    return paths
