@@ -1,25 +1,32 @@
-"""The main job, from the command line: train a LoRA on the sample dataset and say where everything went.
+"""The main job, headless: start ComfyUI with the pack, run the train_and_validate example workflow through
+its HTTP API on the sample dataset, and print where the LoRA, the loss curve and the compare grid went.
 
 Uses the first SD 1.5 checkpoint in ComfyUI's models/checkpoints; without one it builds an SD1.5-shaped
-model with random weights (cached), which trains for real but draws noise.
+model with random weights (cached), which trains for real but draws noise. Without a GPU the workflow is
+shrunk to 64 px and 20 steps so that it finishes in minutes on a CPU.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from make_random_sd15 import ensure_random_sd15  # noqa: E402
-from make_sample_dataset import make_sample_dataset  # noqa: E402
+from comfy_server import ComfyServer  # noqa: E402
+from make_random_sd15 import default_path, ensure_random_sd15  # noqa: E402
+from run_workflow import main as run_workflow  # noqa: E402
 
 from trainer.checkpoint import describe_checkpoint  # noqa: E402
+
+WORKFLOW = ROOT / "workflows_api" / "train_and_validate.json"
+CPU_OVERRIDES = [
+    "2.resolution=64", "4.max_steps=20", "4.batch_size=2", "4.device=cpu", "4.mixed_precision=no",
+    "4.save_every_steps=10", "4.sample_every_steps=10", "4.sample_steps=8", "13.width=64", "13.height=64",
+    "14.steps=12", "15.steps=12", "18.cell=256",
+]
 
 
 def comfyui_dir() -> Path:
@@ -27,7 +34,10 @@ def comfyui_dir() -> Path:
 
 
 def find_sd15_checkpoint(folder: Path) -> Path | None:
+    random_model = default_path().resolve()
     for path in sorted(folder.glob("*.safetensors")):
+        if path.resolve() == random_model:
+            continue
         try:
             if describe_checkpoint(path).key == "sd1":
                 return path
@@ -37,55 +47,28 @@ def find_sd15_checkpoint(folder: Path) -> Path | None:
 
 
 def main() -> int:
-    comfy = comfyui_dir()
-    checkpoint = find_sd15_checkpoint(comfy / "models" / "checkpoints")
-    on_gpu = _has_cuda()
-    if checkpoint is None:
-        print(f"No SD 1.5 checkpoint in {comfy / 'models' / 'checkpoints'}: using an SD1.5-shaped model with")
-        print("RANDOM weights (built once, cached). The LoRA really trains, but any picture it draws is noise.")
-        checkpoint = ensure_random_sd15()
-    print(f"base model: {checkpoint}")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    dataset = make_sample_dataset(comfy / "input" / "lora-foundry-sample")
-    run_dir = comfy / "output" / "lora-foundry" / f"demo-{stamp}"
-    config = {
-        "run_dir": str(run_dir),
-        "model": {"path": str(checkpoint)},
-        "data": {"folder": str(dataset), "resolution": 512 if on_gpu else 64},
-        "lora": {"rank": 4, "alpha": 4.0},
-        "train": {
-            "batch_size": 4 if on_gpu else 2,
-            "max_steps": 200 if on_gpu else 20,
-            "mixed_precision": "fp16" if on_gpu else "no",
-            "save_every_steps": 100 if on_gpu else 10,
-        },
-        "sample": {"prompts": ["lfstyle, a red circle, flat colour, thick outline"], "steps": 20 if on_gpu else 4},
-        "output": {"lora_path": str(comfy / "models" / "loras" / f"lora-foundry-demo-{stamp}.safetensors")},
-    }
-    run_dir.mkdir(parents=True)
-    config_path = run_dir / "config.json"
-    config_path.write_text(json.dumps(config, indent=2))
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-               "--dynamo_backend", "no", str(ROOT / "trainer" / "run.py"), "--config", str(config_path)]
-    print("running:", " ".join(command))
-    result = subprocess.run(command, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    if result.returncode != 0:
-        print(f"training failed (exit {result.returncode}); see {run_dir / 'events.jsonl'}", file=sys.stderr)
-        return result.returncode
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    samples = [e["path"] for e in events if e["type"] == "sample"]
-    done = events[-1]
-    print()
-    print(f"LoRA:     {done['lora']}  ({done['steps']} steps, {done['seconds']:.0f} s)")
-    print(f"run dir:  {run_dir}  (config.json, events.jsonl, checkpoints/, samples/)")
-    print(f"samples:  {', '.join(samples) or 'none'}")
-    return 0
-
-
-def _has_cuda() -> bool:
     import torch
 
-    return torch.cuda.is_available()
+    comfy = comfyui_dir()
+    checkpoints_dir = comfy / "models" / "checkpoints"
+    checkpoint = find_sd15_checkpoint(checkpoints_dir)
+    if checkpoint is None:
+        print(f"No SD 1.5 checkpoint in {checkpoints_dir}: using an SD1.5-shaped model with RANDOM weights")
+        print("(built once, cached). The LoRA really trains, but every picture in this demo is noise.")
+        checkpoint = ensure_random_sd15()
+    name = checkpoint.name
+    on_gpu = torch.cuda.is_available()
+    overrides = [f"1.ckpt_name={name}", f"4.base_model={name}"] + ([] if on_gpu else CPU_OVERRIDES)
+    print(f"base model: {checkpoint}\nComfyUI:    {comfy} ({'GPU' if on_gpu else 'CPU'})")
+    server = ComfyServer(comfy, checkpoints={name: checkpoint}, cpu=not on_gpu)
+    with server:
+        print(f"serving on {server.url}; log: {server.log_path}")
+        args = [str(WORKFLOW), "--server", server.url] + [arg for item in overrides for arg in ("--set", item)]
+        code = run_workflow(args)
+    if code == 0:
+        runs = comfy / "output" / "lora-foundry" / "runs"
+        print(f"\nrun folders: {runs} (config, events, log, checkpoints, samples, loss curve)")
+    return code
 
 
 if __name__ == "__main__":

@@ -174,8 +174,7 @@ def comfy_server(tmp_path_factory: pytest.TempPathFactory, comfy_dir: Path):
     .child_processes(); paths: .base_dir, .loras_dir, .output_dir, .input_dir, .dataset_dir (the sample set,
     'lora-foundry-sample'), .checkpoints_dir, .log_path; .checkpoint_name is the random SD1.5 checkpoint's name.
     """
-    from comfy_server import ComfyServer
-
+    from scripts.comfy_server import ComfyServer
     from scripts.make_random_sd15 import ensure_random_sd15
 
     checkpoint = ensure_random_sd15()

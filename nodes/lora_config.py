@@ -1,0 +1,45 @@
+"""LoRA config node: the adapter's shape, as a LORA_FOUNDRY_LORA_CONFIG value for the Train node."""
+
+from __future__ import annotations
+
+import typing
+
+from comfy_api.latest import io
+
+from ..trainer.config import LoraInit, TargetPreset
+
+LoraConfigType = io.Custom("LORA_FOUNDRY_LORA_CONFIG")
+
+
+class LoraFoundryLoraConfig(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraFoundryLoraConfig",
+            display_name="LoRA Foundry LoRA Config",
+            category="LoRA Foundry",
+            description="Rank, alpha, initialisation and which layers the LoRA adapts.",
+            inputs=[
+                io.Int.Input("rank", default=4, min=1, max=1024, tooltip="LoRA rank (dimension); 4-32 is typical"),
+                io.Float.Input("alpha", default=4.0, min=0.01, max=1024.0, step=0.5,
+                               tooltip="Scale: the update is multiplied by alpha / rank; alpha = rank is common"),
+                io.Combo.Input("init", options=list(typing.get_args(LoraInit)), default="gaussian",
+                               tooltip="Initialisation of the down weights (the up weights start at zero)"),
+                io.Combo.Input("targets", options=list(typing.get_args(TargetPreset)), default="attention",
+                               tooltip="attention: to_q/k/v/out; attention_ff: plus feed-forward; all: every "
+                               "linear and conv layer of the UNet"),
+                io.Float.Input("dropout", default=0.0, min=0.0, max=0.9, step=0.05,
+                               tooltip="Dropout on the LoRA path during training"),
+                io.Boolean.Input("train_text_encoder", default=False,
+                                 tooltip="Also train a LoRA on the text encoder (slower: captions are encoded "
+                                 "every step instead of once)"),
+            ],
+            outputs=[LoraConfigType.Output(display_name="lora_config")],
+        )
+
+    @classmethod
+    def execute(
+        cls, rank: int, alpha: float, init: str, targets: str, dropout: float, train_text_encoder: bool
+    ) -> io.NodeOutput:
+        return io.NodeOutput({"rank": rank, "alpha": float(alpha), "init": init, "targets": targets,
+                              "dropout": float(dropout), "train_text_encoder": train_text_encoder})

@@ -1,0 +1,286 @@
+"""Train node: write the run config, free ComfyUI's models, launch the trainer, follow it, return outputs."""
+
+from __future__ import annotations
+
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import comfy.model_management
+import comfy.utils
+from comfy_api.latest import io
+from PIL import Image
+from safetensors import safe_open
+
+from ..trainer.cache import fingerprint
+from ..trainer.config import ConfigError, LrScheduler, MixedPrecision, Optimizer, RunConfig, parse_config
+from . import paths
+from .dataset import Dataset
+from .images import loss_curve, to_image_batch
+from .launch import TrainerProcess, follow, launch_argv, parse_gpu_ids
+from .lora_config import LoraConfigType
+
+NO_ACCELERATE_CONFIG = "none"
+
+
+def identity(cfg: RunConfig) -> str:
+    """What makes two runs the same: everything but where they write and whether they may overwrite."""
+    raw = cfg.to_dict()
+    raw.pop("run_dir")
+    raw["output"].pop("overwrite")
+    raw["train"].pop("cache_dir")
+    return fingerprint(raw)
+
+
+@dataclass
+class RunRecord:
+    """What the node shows and returns, gathered from the events as they arrive."""
+
+    total_steps: int = 0
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    smoothed: list[float] = field(default_factory=list)
+    samples: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def add(self, event: dict) -> None:
+        kind = event["type"]
+        if kind == "start":
+            self.total_steps = event["total_steps"]
+        elif kind == "step":
+            self.steps.append(event["step"])
+            self.losses.append(event["loss"])
+            self.smoothed.append(event["smoothed_loss"])
+        elif kind == "sample":
+            self.samples.append(event["path"])
+        elif kind == "warning":
+            self.warnings.append(event["message"])
+
+
+def read_record(events_path: Path) -> RunRecord:
+    record = RunRecord()
+    if events_path.is_file():
+        with events_path.open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    record.add(json.loads(line))
+    return record
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def progress_text(event: dict) -> str | None:
+    kind = event["type"]
+    if kind == "loading":
+        return "loading the base model"
+    if kind == "cache":
+        return f"encoding images and captions {event['done']}/{event['total']} ({event['hits']} cached)"
+    if kind == "step":
+        return (f"step {event['step']}/{event['total_steps']} · loss {event['loss']:.4f} "
+                f"(smoothed {event['smoothed_loss']:.4f}) · {event['images_per_s']:.2f} img/s · "
+                f"eta {format_seconds(event['eta_s'])}")
+    if kind == "checkpoint":
+        return f"checkpoint saved at step {event['step']}"
+    if kind == "sample":
+        return f"validation sample at step {event['step']}"
+    if kind == "warning":
+        return f"warning: {event['message']}"
+    return None
+
+
+class Progress:
+    """Events → ComfyUI's progress bar, the text on the node, and the newest sample as preview."""
+
+    def __init__(self, node_id: str | None):
+        from server import PromptServer
+
+        self.node_id = node_id
+        self.server = PromptServer.instance
+        self.bar = comfy.utils.ProgressBar(1, node_id=node_id)
+        self.record = RunRecord()
+
+    def __call__(self, event: dict) -> None:
+        self.record.add(event)
+        kind = event["type"]
+        if kind == "start":
+            self.bar.update_absolute(event["start_step"], event["total_steps"])
+        elif kind == "step":
+            self.bar.update_absolute(event["step"], event["total_steps"])
+        elif kind == "sample":
+            preview = Image.open(event["path"]).convert("RGB")
+            self.bar.update_absolute(self.bar.current, preview=("PNG", preview, 512))
+        text = progress_text(event)
+        if text and self.node_id is not None:
+            self.server.send_progress_text(text, self.node_id)
+
+
+def sample_images(paths_: list[str], size: int) -> object:
+    newest_step = [p for p in paths_ if Path(p).name.split("-")[1] == Path(paths_[-1]).name.split("-")[1]]
+    pictures = [Image.open(p).convert("RGB") for p in newest_step] if paths_ else []
+    if not pictures:
+        pictures = [Image.new("RGB", (size, size), (0, 0, 0))]
+    side = pictures[0].size
+    return to_image_batch([p.resize(side) for p in pictures])
+
+
+def outputs(cfg: RunConfig, lora: Path, record: RunRecord, title: str) -> io.NodeOutput:
+    curve = loss_curve(record.steps, record.losses, record.smoothed, title=title)
+    curve_path = Path(cfg.run_dir) / "loss_curve.png"
+    curve_path.parent.mkdir(parents=True, exist_ok=True)
+    curve.save(curve_path)
+    steps = record.steps[-1] if record.steps else record.total_steps
+    ui = {"lora_path": [str(lora)], "lora_name": [lora.name], "run_dir": [cfg.run_dir], "steps": [steps],
+          "loss_curve": [str(curve_path)]}
+    return io.NodeOutput(lora.name, str(lora), to_image_batch([curve]),
+                         sample_images(record.samples, cfg.data.resolution), steps, ui=ui)
+
+
+class LoraFoundryTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraFoundryTrain",
+            display_name="LoRA Foundry Train",
+            category="LoRA Foundry",
+            description="Train a LoRA in a separate accelerate-launched process; cancel keeps the last checkpoint.",
+            is_output_node=True,
+            inputs=[
+                io.Combo.Input("base_model", options=paths.base_models() or [""],
+                               tooltip="An SD 1.5 checkpoint from models/checkpoints, or a diffusers folder "
+                               "from models/diffusers"),
+                Dataset.Input("dataset", tooltip="From the LoRA Foundry Dataset node"),
+                LoraConfigType.Input("lora_config", tooltip="From the LoRA Foundry LoRA Config node"),
+                io.String.Input("output_name", default="my-lora",
+                                tooltip="File name of the LoRA in models/loras (without .safetensors)"),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="Replace an existing LoRA of that name (off: an existing file is an error)"),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=False,
+                               tooltip="AdamW learning rate"),
+                io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="Images per step on each process"),
+                io.Int.Input("gradient_accumulation_steps", default=1, min=1, max=256,
+                             tooltip="Batches whose gradients add up to one optimizer step"),
+                io.Int.Input("epochs", default=200, min=0, max=100_000,
+                             tooltip="Passes over the dataset (ignored when max_steps is set)"),
+                io.Int.Input("max_steps", default=0, min=0, max=10_000_000,
+                             tooltip="Optimizer steps to train (0: epochs decide)"),
+                io.Combo.Input("lr_scheduler", options=list(typing.get_args(LrScheduler)), default="constant",
+                               tooltip="Learning-rate schedule (diffusers get_scheduler)"),
+                io.Int.Input("lr_warmup_steps", default=0, min=0, max=1_000_000, tooltip="Steps of linear warmup"),
+                io.Combo.Input("optimizer", options=list(typing.get_args(Optimizer)), default="adamw",
+                               tooltip="adamw8bit needs a CUDA GPU and bitsandbytes"),
+                io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="Clip gradients to this norm (0: no clipping)"),
+                io.Combo.Input("mixed_precision", options=list(typing.get_args(MixedPrecision)), default="fp16",
+                               tooltip="Precision of the frozen model on a GPU; LoRA weights stay fp32. On the CPU "
+                               "fp16 falls back to fp32"),
+                io.Boolean.Input("gradient_checkpointing", default=False,
+                                 tooltip="Less GPU memory for about 20-30% more time per step"),
+                io.Float.Input("min_snr_gamma", default=0.0, min=0.0, max=20.0, step=0.5,
+                               tooltip="Min-SNR loss weighting (0: off; 5 is common)"),
+                io.Float.Input("noise_offset", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Offset noise for darker darks / brighter brights (0: off)"),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Seed of everything random in training (part of the run's identity: "
+                             "a changed seed trains anew)"),
+                io.Int.Input("save_every_steps", default=0, min=0, max=1_000_000,
+                             tooltip="Checkpoint every N steps (0: only at the end or on cancel)"),
+                io.String.Input("validation_prompts", default="", multiline=True,
+                                tooltip="One prompt per line, drawn with the LoRA during training (empty: none)"),
+                io.String.Input("negative_prompt", default="", tooltip="Negative prompt of the validation samples"),
+                io.Int.Input("sample_every_steps", default=0, min=0, max=1_000_000,
+                             tooltip="Draw the validation prompts every N steps (0: once, at the end)"),
+                io.Int.Input("sample_steps", default=20, min=1, max=200, tooltip="Sampling steps per validation image"),
+                io.Combo.Input("device", options=["auto", "cuda", "cpu"], default="auto",
+                               tooltip="auto: the GPU when there is one"),
+                io.Int.Input("num_processes", default=1, min=1, max=64,
+                             tooltip="Training processes (one per GPU); the batch is per process"),
+                io.String.Input("gpu_ids", default="", tooltip="Which GPUs, e.g. 0,1 (empty: all visible)"),
+                io.Combo.Input("accelerate_config", options=[NO_ACCELERATE_CONFIG] + paths.user_accelerate_configs(),
+                               tooltip="An accelerate config file from ComfyUI's user folder, "
+                               "lora-foundry/accelerate/ (several machines)"),
+            ],
+            outputs=[
+                io.String.Output(display_name="lora_name"),
+                io.String.Output(display_name="lora_path"),
+                io.Image.Output(display_name="loss_curve"),
+                io.Image.Output(display_name="samples"),
+                io.Int.Output(display_name="steps"),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def build_config(cls, kw: dict) -> RunConfig:
+        stem = paths.safe_output_name(kw["output_name"])
+        dataset, lora = kw["dataset"], kw["lora_config"]
+        prompts = [line.strip() for line in kw["validation_prompts"].splitlines() if line.strip()]
+        raw = {
+            "run_dir": "",
+            "model": {"path": str(paths.resolve_base_model(kw["base_model"])),
+                      "tokenizer_dir": str(paths.comfy_tokenizer_dir())},
+            "data": {"manifest": dataset["manifest"], **dataset["settings"]},
+            "lora": dict(lora),
+            "train": {name: kw[name] for name in (
+                "learning_rate", "batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "lr_scheduler",
+                "lr_warmup_steps", "optimizer", "max_grad_norm", "mixed_precision", "gradient_checkpointing",
+                "min_snr_gamma", "noise_offset", "seed", "save_every_steps", "device")}
+            | {"cache_dir": str(paths.cache_dir())},
+            "sample": {"prompts": prompts, "negative_prompt": kw["negative_prompt"],
+                       "every_steps": kw["sample_every_steps"], "steps": kw["sample_steps"], "seed": kw["seed"]},
+            "output": {"lora_path": str(paths.lora_file(stem)), "overwrite": kw["overwrite"], "name": stem},
+        }
+        raw["run_dir"] = "pending"
+        try:
+            cfg = parse_config(raw)
+        except ConfigError as error:
+            raise ValueError(str(error)) from None
+        cfg.run_dir = str(paths.runs_dir() / f"{stem}-{identity(cfg)[:12]}")
+        return cfg
+
+    @classmethod
+    def execute(cls, **kw) -> io.NodeOutput:
+        cfg = cls.build_config(kw)
+        gpu_ids = parse_gpu_ids(kw["gpu_ids"])
+        accelerate_config = None
+        if kw["accelerate_config"] != NO_ACCELERATE_CONFIG:
+            accelerate_config = paths.resolve_accelerate_config(kw["accelerate_config"])
+        lora, run_dir = Path(cfg.output.lora_path), Path(cfg.run_dir)
+        title = f"{lora.name} · {Path(cfg.model.path).name}"
+        if lora.exists():
+            if cls.made_by(lora, cfg):
+                return outputs(cfg, lora, read_record(run_dir / "events.jsonl"), title)
+            if not cfg.output.overwrite:
+                raise ValueError(f"{lora} exists and was not made by this graph; turn on overwrite or change "
+                                 "output_name")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path = run_dir / "config.json"
+        config_path.write_text(cfg.to_json() + "\n", encoding="utf-8")
+        if accelerate_config is not None:  # a copy in the run folder: argv names only paths the pack made
+            (run_dir / "accelerate.yaml").write_bytes(accelerate_config.read_bytes())
+            accelerate_config = run_dir / "accelerate.yaml"
+
+        comfy.model_management.unload_all_models()
+        comfy.model_management.soft_empty_cache()
+        progress = Progress(cls.hidden.unique_id)
+        process = TrainerProcess(launch_argv(config_path, kw["num_processes"], accelerate_config),
+                                 run_dir / "trainer.log", gpu_ids)
+        finished = follow(process, run_dir / "events.jsonl", progress,
+                          comfy.model_management.processing_interrupted)
+        if not finished:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+        return outputs(cfg, lora, progress.record, title)
+
+    @staticmethod
+    def made_by(lora: Path, cfg: RunConfig) -> bool:
+        try:
+            with safe_open(str(lora), framework="pt") as f:
+                metadata = f.metadata() or {}
+            made = parse_config(json.loads(metadata["lora_foundry.config"]))
+        except Exception:
+            return False
+        return identity(made) == identity(cfg)

@@ -1,0 +1,112 @@
+"""The node pack on a real ComfyUI server (CPU): the example workflow trains, validates and cancels cleanly.
+
+Uses the session's server (tests/comfy_server.py) with the SD1.5-shaped random-weight checkpoint at 64 px.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scripts.comfy_server import api_workflow, tiny_train_and_validate
+
+pytestmark = [pytest.mark.slow, pytest.mark.comfy_server]
+
+
+def small_prompt(server, output_name: str, max_steps: int = 3) -> dict:
+    """The API twin of train_and_validate, shrunk to 64 px and a few steps on the random checkpoint."""
+    overrides = tiny_train_and_validate(server.checkpoint_name, output_name, max_steps) + [
+        "4.save_every_steps=2", "4.validation_prompts=lfstyle, a red circle", "4.learning_rate=0.001",
+        "4.overwrite=false", "14.steps=4", "15.steps=4", "18.cell=128",
+    ]
+    return api_workflow("train_and_validate", overrides)
+
+
+def train_ui(entry: dict) -> dict:
+    (ui,) = [out for out in entry["outputs"].values() if "lora_path" in out]
+    return ui
+
+
+def run_dirs(server) -> list[Path]:
+    return sorted((server.output_dir / "lora-foundry" / "runs").glob("*"))
+
+
+def test_train_and_validate_end_to_end(comfy_server) -> None:
+    prompt = small_prompt(comfy_server, "e2e-shapes")
+    entry = comfy_server.run(prompt, timeout=900)
+
+    lora = Path(train_ui(entry)["lora_path"][0])
+    assert lora.parent == comfy_server.loras_dir and lora.name == "e2e-shapes.safetensors" and lora.is_file()
+
+    grid_node = next(k for k, n in prompt.items() if n["class_type"] == "SaveImage")
+    (saved,) = entry["outputs"][grid_node]["images"]
+    grid = np.asarray(Image.open(comfy_server.output_dir / saved["subfolder"] / saved["filename"]), np.float32)
+    left, right = grid[:, :128], grid[:, 128:256]
+    assert np.abs(left - right).mean() > 0.5, "strength 0 and strength 1 gave the same picture"
+
+    (run_dir,) = [d for d in run_dirs(comfy_server) if d.name.startswith("e2e-shapes-")]
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["type"] == "done" and events[-1]["steps"] == 3
+    assert any(e["type"] == "sample" for e in events)
+
+    # queued again unchanged: nothing retrains
+    comfy_server.run(prompt, timeout=300)
+    again = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert len(again) == len(events)
+
+
+def test_stock_lora_loader_patches_every_weight(comfy_server) -> None:
+    lora = comfy_server.loras_dir / "e2e-shapes.safetensors"
+    if not lora.is_file():
+        pytest.skip("needs the LoRA of test_train_and_validate_end_to_end")
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfy_server.checkpoint_name}},
+        "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora.name,
+                                                      "strength_model": 1.0, "strength_clip": 1.0}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": "lfstyle, a red circle"}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "positive": ["3", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], "seed": 1, "steps": 2, "cfg": 1.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "6": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+    }
+    log_before = comfy_server.log_path.read_text(errors="replace")
+    comfy_server.run(prompt, timeout=600)
+    new_log = comfy_server.log_path.read_text(errors="replace")[len(log_before):]
+    assert "lora key not loaded" not in new_log and "NOT LOADED" not in new_log, new_log[-2000:]
+
+
+def test_interrupt_stops_the_trainer_and_keeps_the_checkpoint(comfy_server) -> None:
+    prompt = small_prompt(comfy_server, "e2e-cancel", max_steps=100000)
+    prompt_id = comfy_server.post_prompt(prompt)
+    deadline = time.time() + 600
+    checkpoints: list[Path] = []
+    while time.time() < deadline and not checkpoints:
+        checkpoints = [p for d in run_dirs(comfy_server) if d.name.startswith("e2e-cancel-")
+                       for p in (d / "checkpoints").glob("step-*")]
+        time.sleep(0.2)
+    assert checkpoints, f"no checkpoint appeared:\n{comfy_server.log_tail()}"
+    assert comfy_server.child_processes(), "the trainer should be running"
+
+    asked = time.monotonic()
+    comfy_server.interrupt()
+    entry = comfy_server.wait(prompt_id, timeout=60, check=False)
+    left = comfy_server.wait_no_children(timeout=5)
+    assert not left, f"trainer processes left {time.monotonic() - asked:.1f} s after the interrupt: {left}"
+    assert time.monotonic() - asked < 5 + 1
+    kinds = [kind for kind, _ in entry["status"]["messages"]]
+    assert "execution_interrupted" in kinds
+    assert all(p.exists() for p in checkpoints[:1]) or any(
+        (d / "checkpoints").glob("step-*") for d in run_dirs(comfy_server) if d.name.startswith("e2e-cancel-"))
+    assert not (comfy_server.loras_dir / "e2e-cancel.safetensors").exists()
+
+    # the next prompt runs
+    dataset_only = {"2": prompt["2"], "99": {"class_type": "PreviewImage", "inputs": {"images": ["2", 1]}}}
+    entry = comfy_server.run(dataset_only, timeout=300)
+    assert entry["status"]["status_str"] == "success"
