@@ -109,7 +109,10 @@ class LoraFoundryDataset(io.ComfyNode):
     ) -> io.NodeOutput:
         warnings: list[str] = []
         if source == "folder":
-            items, warnings = scan_folder(paths.resolve_dataset_folder(folder))
+            resolved = paths.resolve_dataset_folder(folder)
+            # images, captions and metadata alike: a symlink must not pull in a file from elsewhere
+            paths.require_inside(sorted(resolved.iterdir()), paths.input_dir(), f"dataset folder {folder!r}")
+            items, warnings = scan_folder(resolved)
             name = folder
         elif source == "hub_cache":
             items, name = export_cached_dataset(hub_dataset.strip(), paths.datasets_dir())

@@ -52,6 +52,13 @@ def inside(path: Path, root: Path) -> bool:
         return False
 
 
+def require_inside(files: list[Path], root: Path, what: str) -> None:
+    """Refuse any file that resolves (symlinks followed) outside `root`, naming each."""
+    outside = [str(f) for f in files if not inside(f, root)]
+    if outside:
+        raise PathError(f"{what}: these files resolve outside {root} and are refused: {', '.join(outside)}")
+
+
 def dataset_folders() -> list[str]:
     """Subfolders of ComfyUI's input directory (one level), for the Dataset node's dropdown."""
     root = input_dir()

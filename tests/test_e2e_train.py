@@ -110,3 +110,14 @@ def test_interrupt_stops_the_trainer_and_keeps_the_checkpoint(comfy_server) -> N
     dataset_only = {"2": prompt["2"], "99": {"class_type": "PreviewImage", "inputs": {"images": ["2", 1]}}}
     entry = comfy_server.run(dataset_only, timeout=300)
     assert entry["status"]["status_str"] == "success"
+
+
+def test_two_train_prompts_back_to_back_both_finish(comfy_server) -> None:
+    first = comfy_server.post_prompt(small_prompt(comfy_server, "e2e-first", max_steps=2))
+    second = comfy_server.post_prompt(small_prompt(comfy_server, "e2e-second", max_steps=2))
+    entries = [comfy_server.wait(first, timeout=900), comfy_server.wait(second, timeout=900)]
+    loras = [Path(train_ui(entry)["lora_path"][0]) for entry in entries]
+    assert [p.name for p in loras] == ["e2e-first.safetensors", "e2e-second.safetensors"]
+    assert all(p.is_file() for p in loras)
+    folders = {train_ui(entry)["run_dir"][0] for entry in entries}
+    assert len(folders) == 2

@@ -61,6 +61,14 @@ def require_one_group(world_size: int, processes: int) -> None:
         )
 
 
+def require_batch_fits(cfg: RunConfig, images: int, processes: int) -> None:
+    if cfg.train.batch_size * processes > images * cfg.data.repeats:
+        raise ValueError(
+            f"train.batch_size {cfg.train.batch_size} x {processes} process(es) is larger than the dataset "
+            f"({images} images x {cfg.data.repeats} repeats); lower it or add images"
+        )
+
+
 def weight_dtype(accelerator: Accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
@@ -192,6 +200,7 @@ class Trainer:
         for message in warnings:
             self.warn(message)
         check_images(self.items)
+        require_batch_fits(cfg, len(self.items), acc.num_processes)
         self.family.check(cfg.model)
         self.events.emit("loading", model=cfg.model.path)
         self.components = self.family.load(cfg.model, weight_dtype(acc))

@@ -7,6 +7,7 @@ SIGTERM/SIGINT (after saving a checkpoint).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -63,6 +64,9 @@ def failure_message(exc: BaseException) -> str:
             f"out of memory: {exc}. Lower train.batch_size, turn on train.gradient_checkpointing, "
             "or lower data.resolution"
         )
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return f"the disk is full{where}: free some space and run again (files written before are intact)"
     return f"{type(exc).__name__}: {exc}"
 
 
