@@ -7,6 +7,14 @@ from comfy_api.latest import io
 from .images import labelled_grid, to_image_batch, to_pil
 
 
+def grid_title(title: str, step: int | None) -> str:
+    """The title above the grid: the title widget, then "step N" when a step is linked in."""
+    parts = [title.strip()] if title.strip() else []
+    if step is not None:
+        parts.append(f"step\u00a0{step}")  # a no-break space: wrapping never splits "step" from its number
+    return " · ".join(parts)
+
+
 class LoraFoundryCompareGrid(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -22,15 +30,18 @@ class LoraFoundryCompareGrid(io.ComfyNode):
                 io.Image.Input("image_d", optional=True, tooltip="Fourth pictures"),
                 io.String.Input("labels", default="strength 0.0\nstrength 1.0", multiline=True,
                                 tooltip="One label per input, one per line, in order a, b, c, d"),
-                io.String.Input("title", default="", tooltip="Optional title above the grid (e.g. the step)"),
+                io.String.Input("title", default="", tooltip="Optional title above the grid"),
                 io.Int.Input("cell", default=384, min=64, max=2048, step=16, tooltip="Size of each cell, pixels"),
+                io.Int.Input("step", optional=True, force_input=True, min=0,
+                             tooltip="Training step of the LoRA (link the Train node's steps output): the title "
+                             "then ends with 'step N'"),
             ],
             outputs=[io.Image.Output(display_name="grid")],
         )
 
     @classmethod
     def execute(cls, image_a, labels: str, title: str, cell: int, image_b=None, image_c=None,
-                image_d=None) -> io.NodeOutput:
+                image_d=None, step: int | None = None) -> io.NodeOutput:
         names = [line.strip() for line in labels.splitlines()]
         batches = [b for b in (image_a, image_b, image_c, image_d) if b is not None]
         pictures, captions = [], []
@@ -40,5 +51,5 @@ class LoraFoundryCompareGrid(io.ComfyNode):
                 pictures.append(to_pil(image))
                 captions.append(label if batch.shape[0] == 1 else f"{label} #{k + 1}")
         columns = len(batches) if all(b.shape[0] == 1 for b in batches) else max(b.shape[0] for b in batches)
-        grid = labelled_grid(pictures, captions, cell=cell, columns=columns, title=title)
+        grid = labelled_grid(pictures, captions, cell=cell, columns=columns, title=grid_title(title, step))
         return io.NodeOutput(to_image_batch([grid]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -11,6 +12,11 @@ from PIL import Image, ImageDraw, ImageFont
 BACKGROUND = (24, 24, 27)
 FOREGROUND = (235, 235, 235)
 MUTED = (140, 140, 150)
+GRIDLINE = (48, 48, 54)
+RAW_COLOR = (120, 150, 215)
+SMOOTH_COLOR = (250, 170, 60)
+NO_BREAK_SPACE = "\u00a0"
+Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -25,11 +31,20 @@ def to_image_batch(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays))
 
 
-def font(size: int) -> ImageFont.ImageFont:
+def font(size: int) -> Font:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has one fixed size
         return ImageFont.load_default()
+
+
+def text_width(text: str, face: Font) -> float:
+    return face.getlength(text)
+
+
+def at(x: float, y: float) -> tuple[int, int]:
+    """Whole-pixel text positions: the same text then looks the same wherever it is drawn."""
+    return round(x), round(y)
 
 
 def _fit(image: Image.Image, cell: int) -> Image.Image:
@@ -38,88 +53,173 @@ def _fit(image: Image.Image, cell: int) -> Image.Image:
     return image.resize(size, Image.Resampling.LANCZOS)
 
 
-def _wrap(text: str, width_chars: int, max_lines: int) -> list[str]:
-    words, lines, line = text.split(), [], ""
-    for word in words:
-        if len(line) + len(word) + 1 > width_chars and line:
-            lines.append(line)
-            line = word
+def _shorten(text: str, face: Font, width: float) -> str:
+    """`text`, cut and ended with an ellipsis where it is wider than `width`."""
+    if text_width(text, face) <= width:
+        return text
+    while text and text_width(text + "…", face) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def wrap(text: str, face: Font, width: float, max_lines: int) -> list[str]:
+    """Lines of whole words no wider than `width` (a longer word is cut); the last line ends in … when cut."""
+    lines: list[str] = []
+    # only plain spaces break a line: "step\u00a0400" stays whole, drawn with a plain space (the font has no NBSP)
+    for word in (w.replace(NO_BREAK_SPACE, " ") for w in text.split(" ") if w.strip()):
+        candidate = f"{lines[-1]} {word}" if lines else word
+        if lines and text_width(candidate, face) <= width:
+            lines[-1] = candidate
         else:
-            line = f"{line} {word}".strip()
-    if line:
-        lines.append(line)
+            lines.append(_shorten(word, face, width))
     if len(lines) > max_lines:
         lines = lines[:max_lines]
-        lines[-1] = lines[-1][: max(0, width_chars - 1)] + "…"
+        lines[-1] = _shorten(lines[-1] + "…", face, width) if not lines[-1].endswith("…") else lines[-1]
     return lines
+
+
+def grid_fonts(cell: int) -> tuple[Font, Font, int, int]:
+    """Label font, title font and their line heights for a grid of `cell`-pixel cells."""
+    label_size, title_size = max(12, cell // 14), max(14, cell // 11)
+    return font(label_size), font(title_size), label_size + 6, title_size + 6
 
 
 def labelled_grid(
     images: list[Image.Image], labels: list[str], cell: int = 256, columns: int = 0, title: str = ""
 ) -> Image.Image:
-    """Each picture scaled into a cell with its label under it; an optional title on top."""
+    """Each picture scaled into a cell with its label under it; an optional title on top, wrapped to fit."""
     columns = columns or min(len(images), 4) or 1
     rows = math.ceil(len(images) / columns) if images else 1
-    label_font, title_font = font(max(12, cell // 14)), font(max(14, cell // 11))
-    label_height = 3 * (cell // 14 + 6)
-    title_height = cell // 7 + 12 if title else 0
-    grid = Image.new("RGB", (columns * cell, title_height + rows * (cell + label_height)), BACKGROUND)
+    width = columns * cell
+    label_font, title_font, label_line, title_line = grid_fonts(cell)
+    title_lines = wrap(title, title_font, width - 16, 3) if title else []
+    title_height = len(title_lines) * title_line + 12 if title_lines else 0
+    label_height = 3 * label_line + 6
+    grid = Image.new("RGB", (width, title_height + rows * (cell + label_height)), BACKGROUND)
     draw = ImageDraw.Draw(grid)
-    if title:
-        draw.text((8, 6), title, fill=FOREGROUND, font=title_font)
+    for line_no, line in enumerate(title_lines):
+        draw.text((8, 6 + line_no * title_line), line, fill=FOREGROUND, font=title_font)
     for index, image in enumerate(images):
         row, col = divmod(index, columns)
         x, y = col * cell, title_height + row * (cell + label_height)
         fitted = _fit(image, cell)
         grid.paste(fitted, (x + (cell - fitted.width) // 2, y + (cell - fitted.height) // 2))
         label = labels[index] if index < len(labels) else ""
-        for line_no, line in enumerate(_wrap(label, max(8, cell // 8), 3)):
-            draw.text((x + 6, y + cell + 4 + line_no * (cell // 14 + 6)), line, fill=FOREGROUND, font=label_font)
+        for line_no, line in enumerate(wrap(label, label_font, cell - 12, 3)):
+            draw.text((x + 6, y + cell + 4 + line_no * label_line), line, fill=FOREGROUND, font=label_font)
     return grid
 
 
+# ---- the loss curve ------------------------------------------------------------------------------
+
+
+def nice_step(span: float, count: int, integer: bool = False) -> float:
+    """A 1, 2 or 5 times a power of ten step that cuts `span` into about `count` intervals."""
+    raw = max(span, 1e-12) / max(count, 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    return max(1.0, round(step)) if integer else step
+
+
+def nice_ticks(lo: float, hi: float, count: int = 5, integer: bool = False) -> list[float]:
+    """Round tick values covering [lo, hi] (the first ≤ lo, the last ≥ hi)."""
+    if hi - lo < 1e-12:
+        lo, hi = (lo - 1, hi + 1) if integer else (lo - 0.5 * max(abs(lo), 1e-3), hi + 0.5 * max(abs(hi), 1e-3))
+    step = nice_step(hi - lo, count, integer)
+    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+    return [k * step for k in range(first, last + 1)]
+
+
+def tick_label(value: float, step: float) -> str:
+    decimals = max(0, -math.floor(math.log10(step))) if step < 1 else 0
+    return f"{value:.{decimals}f}"
+
+
+def vertical_text(text: str, face: Font, fill: tuple[int, int, int]) -> Image.Image:
+    """`text` turned a quarter left (reads bottom to top), on the background colour."""
+    left, top, right, bottom = face.getbbox(text)
+    label = Image.new("RGB", (int(right) + 2, int(bottom) + 2), BACKGROUND)
+    ImageDraw.Draw(label).text((0, 0), text, fill=fill, font=face)
+    return label.rotate(90, expand=True)
+
+
+class Plot:
+    """Maps (step, loss) into a pixel box."""
+
+    def __init__(self, box: tuple[int, int, int, int], x_range: tuple[float, float], y_range: tuple[float, float]):
+        self.box, self.x_range, self.y_range = box, x_range, y_range
+
+    def point(self, step: float, value: float) -> tuple[float, float]:
+        left, top, right, bottom = self.box
+        (x_lo, x_hi), (y_lo, y_hi) = self.x_range, self.y_range
+        return (left + (step - x_lo) / (x_hi - x_lo) * (right - left),
+                top + (y_hi - value) / (y_hi - y_lo) * (bottom - top))
+
+
+def draw_axes(image: Image.Image, plot: Plot, x_ticks: list[float], y_ticks: list[float]) -> None:
+    draw, small = ImageDraw.Draw(image), font(13)
+    left, top, right, bottom = plot.box
+    y_step = y_ticks[1] - y_ticks[0] if len(y_ticks) > 1 else 1.0
+    for value in y_ticks:
+        _, y = plot.point(plot.x_range[0], value)
+        draw.line((left, y, right, y), fill=GRIDLINE)
+        draw.line((left - 5, y, left, y), fill=MUTED)
+        label = tick_label(value, y_step)
+        draw.text(at(left - 8 - text_width(label, small), y - 8), label, fill=MUTED, font=small)
+    for step in x_ticks:
+        x, _ = plot.point(step, plot.y_range[0])
+        draw.line((x, top, x, bottom), fill=GRIDLINE)
+        draw.line((x, bottom, x, bottom + 5), fill=MUTED)
+        label = f"{step:.0f}"
+        draw.text(at(x - text_width(label, small) / 2, bottom + 8), label, fill=MUTED, font=small)
+    draw.rectangle(plot.box, outline=MUTED)
+    normal = font(15)
+    draw.text(at((left + right - text_width("step", normal)) / 2, bottom + 28), "step", fill=FOREGROUND, font=normal)
+    label = vertical_text("loss", normal, FOREGROUND)
+    image.paste(label, (8, (top + bottom - label.height) // 2))
+
+
+def draw_legend(draw: ImageDraw.ImageDraw, right: int, y: int) -> None:
+    """The two line styles and their names, right-aligned at `right`."""
+    small = font(13)
+    entries = [("loss (each step)", RAW_COLOR, 2), ("smoothed (EMA 0.9)", SMOOTH_COLOR, 4)]
+    widths = [28 + text_width(name, small) for name, _, _ in entries]
+    x = right - sum(widths) - 16 * (len(entries) - 1)
+    for (name, color, line_width), entry_width in zip(entries, widths, strict=True):
+        draw.line((x, y + 8, x + 22, y + 8), fill=color, width=line_width)
+        draw.text(at(x + 28, y), name, fill=FOREGROUND, font=small)
+        x += entry_width + 16
+
+
+def draw_series(draw: ImageDraw.ImageDraw, plot: Plot, steps: Sequence[int], losses: Sequence[float],
+                smoothed: Sequence[float]) -> None:
+    if len(steps) == 1:
+        x, y = plot.point(steps[0], losses[0])
+        draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill=SMOOTH_COLOR)
+        return
+    draw.line([plot.point(s, v) for s, v in zip(steps, losses, strict=True)], fill=RAW_COLOR, width=1)
+    draw.line([plot.point(s, v) for s, v in zip(steps, smoothed, strict=True)], fill=SMOOTH_COLOR, width=3,
+              joint="curve")
+
+
 def loss_curve(steps: list[int], losses: list[float], smoothed: list[float], title: str = "") -> Image.Image:
-    """Raw and smoothed loss against step, with axes, ticks and a legend."""
-    width, height, left, right, top, bottom = 768, 432, 72, 24, 40, 52
+    """Raw and smoothed loss against step: titled, with round ticks, gridlines, axis names and a legend."""
+    width, height = 768, 448
+    box = (84, 64, width - 24, height - 60)
     image = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(image)
-    small, normal = font(13), font(16)
-    draw.text((left, 10), title or "training loss", fill=FOREGROUND, font=normal)
-    plot_w, plot_h = width - left - right, height - top - bottom
-    draw.rectangle((left, top, left + plot_w, top + plot_h), outline=MUTED)
-    draw.text((left + plot_w // 2 - 16, height - 22), "step", fill=FOREGROUND, font=small)
-    draw.text((8, top - 18), "loss", fill=FOREGROUND, font=small)
+    title_font = font(16)
+    draw.text((box[0], 10), _shorten(title or "training loss", title_font, box[2] - box[0]), fill=FOREGROUND,
+              font=title_font)
+    draw_legend(draw, box[2], 38)
     if not steps:
-        draw.text((left + 12, top + 12), "no steps yet", fill=MUTED, font=small)
+        plot = Plot(box, (0, 1), (0, 1))
+        draw_axes(image, plot, [], [])
+        draw.text((box[0] + 12, box[1] + 12), "no steps yet", fill=MUTED, font=font(13))
         return image
-    x_lo, x_hi = min(steps), max(max(steps), min(steps) + 1)
-    values = losses + smoothed
-    y_lo, y_hi = min(values), max(values)
-    if y_hi - y_lo < 1e-12:
-        y_lo, y_hi = y_lo - 0.5, y_hi + 0.5
-
-    def point(step: float, value: float) -> tuple[float, float]:
-        return (left + (step - x_lo) / (x_hi - x_lo) * plot_w, top + (y_hi - value) / (y_hi - y_lo) * plot_h)
-
-    for k in range(5):
-        value = y_lo + (y_hi - y_lo) * k / 4
-        _, y = point(x_lo, value)
-        draw.line((left - 4, y, left, y), fill=MUTED)
-        draw.text((6, y - 7), f"{value:.4g}", fill=MUTED, font=small)
-        step = x_lo + (x_hi - x_lo) * k / 4
-        x, _ = point(step, y_lo)
-        draw.line((x, top + plot_h, x, top + plot_h + 4), fill=MUTED)
-        draw.text((x - 10, top + plot_h + 6), f"{step:.0f}", fill=MUTED, font=small)
-    raw_color, smooth_color = (110, 140, 200), (250, 170, 60)
-    if len(steps) > 1:
-        draw.line([point(s, v) for s, v in zip(steps, losses, strict=True)], fill=raw_color, width=1)
-        draw.line([point(s, v) for s, v in zip(steps, smoothed, strict=True)], fill=smooth_color, width=3)
-    else:
-        x, y = point(steps[0], losses[0])
-        draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=smooth_color)
-    legend_x = left + plot_w - 170
-    draw.line((legend_x, top + 14, legend_x + 24, top + 14), fill=raw_color, width=2)
-    draw.text((legend_x + 30, top + 7), "loss", fill=FOREGROUND, font=small)
-    draw.line((legend_x, top + 32, legend_x + 24, top + 32), fill=smooth_color, width=3)
-    draw.text((legend_x + 30, top + 25), "smoothed (EMA 0.9)", fill=FOREGROUND, font=small)
+    x_ticks = nice_ticks(min(steps), max(steps), 6, integer=True)
+    y_ticks = nice_ticks(min(losses + smoothed), max(losses + smoothed), 5)
+    plot = Plot(box, (x_ticks[0], x_ticks[-1]), (y_ticks[0], y_ticks[-1]))
+    draw_axes(image, plot, x_ticks, y_ticks)
+    draw_series(draw, plot, steps, losses, smoothed)
     return image

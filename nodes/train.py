@@ -90,6 +90,8 @@ def progress_text(event: dict) -> str | None:
         return f"validation sample at step {event['step']}"
     if kind == "warning":
         return f"warning: {event['message']}"
+    if kind == "done":
+        return f"done: {event['steps']} steps in {format_seconds(event['seconds'])} · {Path(event['lora']).name}"
     return None
 
 

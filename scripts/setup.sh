@@ -74,6 +74,35 @@ PY
   fi
 fi
 
+# Chromium for the browser tests (tests/test_browser.py): Debian's package, never a Playwright download.
+# Where it cannot be installed, the reason goes to $CHROMIUM_NOTE and those tests skip with it.
+CHROMIUM="${LORA_FOUNDRY_CHROMIUM:-/usr/bin/chromium}"
+CHROMIUM_NOTE="$VENV/.chromium-unavailable"
+install_chromium() {
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "$CHROMIUM is missing and this is not root with apt-get: install Chromium (Debian: apt-get install chromium)"
+    return
+  fi
+  log "installing Debian's chromium for the browser tests (apt-get)" >&2
+  local apt_log="$VENV/.chromium-apt.log"
+  if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+         && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >"$apt_log" 2>&1; then
+    echo "apt-get could not install chromium: $(tail -n 1 "$apt_log") (log: $apt_log)"
+  elif [ ! -x "$CHROMIUM" ]; then
+    echo "apt-get installed chromium, but $CHROMIUM is still missing"
+  fi
+}
+if [ -x "$CHROMIUM" ]; then
+  rm -f "$CHROMIUM_NOTE"
+else
+  install_chromium > "$CHROMIUM_NOTE"
+  if [ -x "$CHROMIUM" ]; then
+    rm -f "$CHROMIUM_NOTE"
+  else
+    log "note: the browser tests will skip: $(cat "$CHROMIUM_NOTE")"
+  fi
+fi
+
 link="$COMFY/custom_nodes/lora-foundry"
 if [ ! -e "$link" ]; then
   ln -s "$ROOT" "$link"

@@ -164,6 +164,7 @@ _configure_before_comfy_server = pytest_configure
 def pytest_configure(config: pytest.Config) -> None:  # noqa: F811 - extends the hook above with one marker
     _configure_before_comfy_server(config)
     config.addinivalue_line("markers", "comfy_server: uses the session's real ComfyUI server (comfy_server fixture)")
+    config.addinivalue_line("markers", "browser: drives the real ComfyUI frontend in headless Chromium")
 
 
 @pytest.fixture(scope="session")
