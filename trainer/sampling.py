@@ -28,7 +28,7 @@ def render_samples(
     pipe = family.sampling_pipeline(components, unet)
     pipe.set_progress_bar_config(disable=True)
     was_training = unet.training
-    unet.eval()
+    unet.train(False)
     paths = []
     try:
         for index, prompt in enumerate(s.prompts):

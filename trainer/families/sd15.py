@@ -87,7 +87,7 @@ class SD15Family(ModelFamily):
             scheduler.register_to_config(prediction_type=model.prediction_type)
         for module in (unet, vae, text_encoder):
             module.requires_grad_(False)
-            module.eval()
+            module.train(False)
         return Components(unet, vae, text_encoder, tokenizer, scheduler, hash_inputs)
 
     @staticmethod
