@@ -266,3 +266,13 @@ def test_adamw8bit_without_cuda_is_a_clear_error(tmp_path, tiny_model_dir, two_i
     cfg = tiny_config(tmp_path / "run", tiny_model_dir, two_image_folder, train={"optimizer": "adamw8bit"})
     assert run_trainer(cfg).returncode == 1
     assert "needs a CUDA GPU" in read_events(tmp_path / "run")[-1]["message"]
+
+
+def test_cpu_threads_undo_accelerates_one_thread_default() -> None:
+    from trainer.loop import cpu_threads
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert cpu_threads("1", None) == cores  # what `accelerate launch` sets when not told otherwise
+    assert cpu_threads(None, None) == cores
+    assert cpu_threads("1", "2") == max(1, cores // 2)  # two local processes share the cores
+    assert cpu_threads("3", "2") == 3  # a user's own choice stays

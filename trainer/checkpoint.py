@@ -141,6 +141,36 @@ def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118 - safe_open is not iterable
 
 
+def safetensors_header(path: PathLike) -> tuple[int, dict[str, dict[str, Any]]]:
+    """(offset of the data section, tensor name -> {dtype, shape, data_offsets}) of a .safetensors file.
+
+    Reads only the header: 8 bytes of length, then that much JSON. Raises ValueError for anything else.
+    """
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) != 8:
+            raise ValueError(f"{path}: too short for a safetensors file")
+        size = int.from_bytes(prefix, "little")
+        if size > 100_000_000:
+            raise ValueError(f"{path}: not a safetensors file (header length {size})")
+        header = json.loads(f.read(size))
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file")
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
+def stored_float_dtype(path: PathLike) -> str | None:
+    """The one floating-point dtype ("F16", "BF16", "F32", ...) every float tensor of a .safetensors file is
+    stored in; None for a mixed or unreadable file."""
+    try:
+        _, header = safetensors_header(path)
+    except (OSError, ValueError):
+        return None
+    dtypes = {info["dtype"] for info in header.values() if info["dtype"].startswith(("F", "BF"))}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
 def _torch_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

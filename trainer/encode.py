@@ -27,7 +27,7 @@ class Encoded:
 
 def model_digest(components: Components, cache_root: Path) -> str:
     hashes = FileHashes(cache_root / "file-hashes.json")
-    return fingerprint([hashes.digest(p) for p in components.source_hash_inputs])
+    return fingerprint([hashes.digest(p, components.source_hash_prefixes) for p in components.source_hash_inputs])
 
 
 def encode_dataset(
@@ -56,9 +56,7 @@ def encode_dataset(
         if cached is None:
             pixels = prepare_image(image, bucket, data.crop, crop_rng if data.crop == "random" else None)
             variants = {"plain": pixels} | ({"flipped": flip(pixels)} if data.random_flip else {})
-            cached = {
-                name: _encode_image(vae, p, device) * scaling for name, p in variants.items()
-            }
+            cached = {name: latents * scaling for name, latents in _encode_images(vae, variants, device).items()}
             latents_cache.put(key, cached)
         else:
             hits += 1
@@ -78,8 +76,11 @@ def encode_dataset(
     return encoded
 
 
-def _encode_image(vae: torch.nn.Module, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _encode_images(vae: torch.nn.Module, variants: dict[str, torch.Tensor], device: torch.device) -> dict:
+    """The variants of one picture (plain, flipped) through the VAE as one batch: name -> latents (C, h, w)."""
     vae.to(device)
     with torch.no_grad():
-        batch = pixels[None].to(device, vae.dtype)
-        return vae.encode(batch).latent_dist.mode()[0].float()
+        batch = torch.stack(list(variants.values())).to(device, vae.dtype)
+        latents = vae.encode(batch).latent_dist.mode()
+    latents = latents.float()
+    return dict(zip(variants, latents, strict=True))

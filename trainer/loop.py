@@ -47,10 +47,24 @@ def make_accelerator(cfg: RunConfig, warn: Callable[[str], None]) -> Accelerator
     if on_cpu and precision == "fp16":
         warn("fp16 mixed precision needs a GPU; training on the CPU in fp32 (mixed_precision 'no')")
         precision = "no"
+    if on_cpu:
+        torch.set_num_threads(cpu_threads(os.environ.get("OMP_NUM_THREADS"), os.environ.get("LOCAL_WORLD_SIZE")))
     # cpu=True is what makes a multi-process launch on the CPU join one gloo group
     accelerator = Accelerator(cpu=on_cpu, mixed_precision=precision)
     require_one_group(int(os.environ.get("WORLD_SIZE", "1")), accelerator.num_processes)
     return accelerator
+
+
+def cpu_threads(omp_num_threads: str | None, local_world_size: str | None) -> int:
+    """Threads for training on the CPU: the cores this process may run on, shared by the local processes.
+
+    `accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise, which on the CPU made every step
+    run on one core; so 1 (or unset) means "choose", and any other value is kept as the user's choice."""
+    if omp_num_threads and omp_num_threads.isdigit() and int(omp_num_threads) > 1:
+        return int(omp_num_threads)
+    local = int(local_world_size) if local_world_size and local_world_size.isdigit() else 1
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, usable // max(1, local))
 
 
 def require_one_group(world_size: int, processes: int) -> None:
@@ -257,11 +271,15 @@ class Trainer:
             self.warn(f"{long} caption(s) longer than {limit} tokens were truncated")
 
     def _free_encoders(self) -> None:
-        """Move the VAE (and a frozen text encoder) off the accelerator before the first step."""
+        """Move the VAE (and a frozen text encoder) off the accelerator before the first step.
+
+        Without validation prompts nothing needs them after the cache pass: their weights go to the meta
+        device, which frees the memory on the CPU too (moving to the CPU frees nothing there)."""
         c = self.components
-        c.vae.to("cpu")
+        away = "cpu" if self.cfg.sample.prompts else "meta"
+        c.vae.to(away)
         if not self.cfg.lora.train_text_encoder:
-            c.text_encoder.to("cpu")
+            c.text_encoder.to(away)
         else:
             c.text_encoder.to(self.device)
         gc.collect()

@@ -19,6 +19,9 @@ class Components:
     tokenizer: Any
     noise_scheduler: Any  # a diffusers DDPMScheduler configured for training
     source_hash_inputs: list[str]  # files whose bytes identify the VAE + text encoder (cache key)
+    # for a single file that also holds the UNet: the tensor-name prefixes of the VAE + text encoder, so
+    # only their bytes are hashed (empty: hash the whole files)
+    source_hash_prefixes: tuple[str, ...] = ()
 
 
 class ModelFamily(ABC):

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import is_diffusers_folder, require_sd15
+from ..checkpoint import is_diffusers_folder, require_sd15, stored_float_dtype
 from ..config import ModelConfig
 from .base import Components, ModelFamily
 
@@ -23,6 +23,8 @@ UNET_ALL += r"|time_emb_proj|conv|conv_in|conv_out|linear_1|linear_2)$"
 TEXT_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 TEXT_MLP = ["fc1", "fc2"]
 TOKENS = 77  # CLIP's context; ComfyUI's tokenizer_config says model_max_length 8192 under transformers 5
+ENCODER_PREFIXES = ("first_stage_model.", "cond_stage_model.")  # VAE and text encoder in a single file
+STORED_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def tokenizer_search_path(model: ModelConfig) -> list[Path]:
@@ -78,17 +80,17 @@ class SD15Family(ModelFamily):
         tokenizer.model_max_length = self.max_tokens  # diffusers pipelines pad prompts to this
         if is_diffusers_folder(model.path):
             unet, vae, text_encoder, scheduler_dir = self._load_folder(Path(model.path), dtype)
-            hash_inputs = _weight_files(Path(model.path), ("vae", "text_encoder"))
+            hash_inputs, hash_prefixes = _weight_files(Path(model.path), ("vae", "text_encoder")), ()
         else:
             unet, vae, text_encoder = self._load_single_file(model.path, tokenizer, dtype)
-            scheduler_dir, hash_inputs = CONFIG_DIR / "scheduler", [model.path]
+            scheduler_dir, hash_inputs, hash_prefixes = CONFIG_DIR / "scheduler", [model.path], ENCODER_PREFIXES
         scheduler = DDPMScheduler.from_pretrained(scheduler_dir, local_files_only=True)
         if model.prediction_type:
             scheduler.register_to_config(prediction_type=model.prediction_type)
         for module in (unet, vae, text_encoder):
             module.requires_grad_(False)
             module.train(False)
-        return Components(unet, vae, text_encoder, tokenizer, scheduler, hash_inputs)
+        return Components(unet, vae, text_encoder, tokenizer, scheduler, hash_inputs, hash_prefixes)
 
     @staticmethod
     def _load_folder(path: Path, dtype: torch.dtype) -> tuple[Any, Any, Any, Path]:
@@ -103,8 +105,14 @@ class SD15Family(ModelFamily):
 
     @staticmethod
     def _load_single_file(path: str, tokenizer: Any, dtype: torch.dtype) -> tuple[Any, Any, Any]:
+        """The three models in `dtype`. A file stored in 16 bits that is wanted in fp32 is read in its own
+        dtype, without a memory map, and upcast one tensor at a time: the same values (the cast is exact),
+        but the peak resident memory is about the fp32 models instead of the fp32 models plus the mapped file
+        (6.8 -> 4.9 GiB for SD 1.5 in fp16)."""
         from diffusers import StableDiffusionPipeline
 
+        stored = STORED_DTYPES.get(stored_float_dtype(path) or "")
+        upcast = dtype == torch.float32 and stored is not None
         pipe = StableDiffusionPipeline.from_single_file(
             path,
             config=str(CONFIG_DIR),
@@ -112,9 +120,14 @@ class SD15Family(ModelFamily):
             safety_checker=None,
             feature_extractor=None,
             local_files_only=True,
-            torch_dtype=dtype,
+            torch_dtype=stored if upcast else dtype,
+            disable_mmap=upcast,
         )
-        return pipe.unet, pipe.vae, pipe.text_encoder
+        models = pipe.unet, pipe.vae, pipe.text_encoder
+        del pipe
+        for module in models if upcast else ():
+            module.to(dtype)  # parameter by parameter: each 16-bit copy is freed as its fp32 one appears
+        return models
 
     def tokenize(self, tokenizer: Any, captions: list[str]) -> torch.Tensor:
         return tokenizer(
