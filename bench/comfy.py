@@ -6,7 +6,7 @@ import shutil
 import time
 from pathlib import Path
 
-from bench.common import Spec, comfy_dir
+from bench.common import Spec
 from scripts.comfy_server import ComfyServer, WsRecorder
 
 CHECKPOINT_NAME = "sd15-bench.safetensors"
@@ -22,7 +22,7 @@ class StampedRecorder(WsRecorder):
 def start_server(spec: Spec, dataset_name: str) -> ComfyServer:
     """A ComfyUI server in the contender's workdir, the checkpoint linked, the pictures in input/<name>."""
     server = ComfyServer(Path(spec.workdir) / "comfy", checkpoints={CHECKPOINT_NAME: spec.checkpoint},
-                         comfy_dir=spec.comfy_dir or comfy_dir())
+                         comfy_dir=spec.comfy_root)
     server.prepare()
     target = server.input_dir / dataset_name
     shutil.rmtree(target, ignore_errors=True)

@@ -6,13 +6,15 @@ Kept free of torch imports so the thin contenders (the ones that only launch ano
 from __future__ import annotations
 
 import json
-import os
 import resource
 import statistics
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from scripts.comfy_server import default_comfy_dir
+from trainer.events import EventReader
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -41,6 +43,14 @@ class Spec:
     def steps(self) -> int:
         return self.warmup + self.timed
 
+    @property
+    def comfy_root(self) -> Path:
+        return Path(self.comfy_dir) if self.comfy_dir else default_comfy_dir()
+
+    @property
+    def tokenizer_dir(self) -> str:
+        return str(comfy_tokenizer_dir(self.comfy_root))
+
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
 
@@ -49,11 +59,7 @@ class Spec:
         return cls(**json.loads(path.read_text()))
 
 
-def comfy_dir() -> Path:
-    return Path(os.environ.get("COMFYUI_DIR") or ROOT / ".runtime" / "ComfyUI")
-
-
-def tokenizer_dir(comfy: str | Path) -> Path:
+def comfy_tokenizer_dir(comfy: str | Path) -> Path:
     return Path(comfy) / "comfy" / "sd1_tokenizer"
 
 
@@ -92,6 +98,17 @@ def steady(step_times: list[float], warmup: int) -> dict[str, float]:
         "max_s_per_step": max(timed),
         "timed_steps": len(timed),
     }
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """Every event of a finished trainer run's events.jsonl."""
+    return EventReader(path).read_new()
+
+
+def trainer_step_times(events: list[dict[str, Any]]) -> list[float]:
+    """Durations of the trainer's steps, the first one measured from its `start` event."""
+    start = next(e["time"] for e in events if e["type"] == "start")
+    return intervals([e["time"] for e in events if e["type"] == "step"], start)
 
 
 def intervals(times: list[float], start: float) -> list[float]:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from peft import LoraConfig
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import Spec, comfy_dir, steady, tokenizer_dir
+from bench.common import Spec, steady
 from trainer.config import ModelConfig
 from trainer.families import get_family
 
@@ -24,7 +24,7 @@ MATMUL_N = 4096
 
 def load_unet(spec: Spec) -> torch.nn.Module:
     """The UNet exactly as the trainer loads it (same loader, fp32); the VAE and text encoder are dropped."""
-    model = ModelConfig(path=spec.checkpoint, tokenizer_dir=str(tokenizer_dir(spec.comfy_dir or comfy_dir())))
+    model = ModelConfig(path=spec.checkpoint, tokenizer_dir=spec.tokenizer_dir)
     components = get_family("sd15").load(model, torch.float32)
     return components.unet
 

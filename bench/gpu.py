@@ -28,7 +28,16 @@ from typing import Any  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import BENCH, OFFLINE_ENV, comfy_dir, draw_dataset, intervals, steady, tokenizer_dir  # noqa: E402
+from bench.common import (  # noqa: E402
+    BENCH,
+    OFFLINE_ENV,
+    comfy_tokenizer_dir,
+    draw_dataset,
+    read_events,
+    steady,
+    trainer_step_times,
+)
+from scripts.comfy_server import default_comfy_dir  # noqa: E402
 
 BUDGET_S = 285  # the whole script, under 5 minutes
 # dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, by a part of torch.cuda.get_device_name()
@@ -72,7 +81,7 @@ def dense_bf16_peak(name: str) -> float | None:
 def run_config(case: Case, checkpoint: str, data: Path, run_dir: Path, cache_dir: Path) -> dict[str, Any]:
     return {
         "run_dir": str(run_dir),
-        "model": {"path": checkpoint, "tokenizer_dir": str(tokenizer_dir(comfy_dir()))},
+        "model": {"path": checkpoint, "tokenizer_dir": str(comfy_tokenizer_dir(default_comfy_dir()))},
         "data": {"folder": str(data), "resolution": case.resolution},
         "lora": {"rank": 4, "alpha": 4.0, "targets": "attention"},
         "train": {"batch_size": case.batch, "max_steps": case.warmup + case.timed, "mixed_precision": case.precision,
@@ -120,9 +129,7 @@ def run_case(case: Case, config: dict[str, Any]) -> dict[str, Any]:
     trainer.train()
     train_peak = torch.cuda.max_memory_allocated() if cuda else None
     events.close()
-    log = [json.loads(line) for line in events_path.read_text().splitlines() if line]
-    start = next(e["time"] for e in log if e["type"] == "start")
-    stats = steady(intervals([e["time"] for e in log if e["type"] == "step"], start), case.warmup)
+    stats = steady(trainer_step_times(read_events(events_path)), case.warmup)
     flops = count_step_flops(trainer, case)
     return {**asdict(case), "label": case.label, **stats, "images_per_s": case.batch / stats["s_per_step"],
             "peak_vram_bytes": train_peak, "setup_peak_vram_bytes": setup_peak, "flops_per_step": flops,

@@ -9,7 +9,6 @@ Train node's own work before the launch and after the exit (config, loss curve, 
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import psutil
 
 from bench.comfy import CHECKPOINT_NAME, listen, start_server
-from bench.common import Spec, intervals, steady
+from bench.common import Spec, read_events, steady, trainer_step_times
 from scripts.comfy_server import ComfyServer
 
 DATASET = "bench-node"
@@ -75,9 +74,7 @@ def node_prompt(spec: Spec) -> dict[str, Any]:
 
 def trainer_steps(server: ComfyServer) -> list[float]:
     (run_dir,) = sorted((server.output_dir / "lora-foundry" / "runs").glob("bench-node-*"))
-    events = [json.loads(line) for line in (Path(run_dir) / "events.jsonl").read_text().splitlines() if line]
-    start = next(e["time"] for e in events if e["type"] == "start")
-    return intervals([e["time"] for e in events if e["type"] == "step"], start)
+    return trainer_step_times(read_events(Path(run_dir) / "events.jsonl"))
 
 
 def run(spec: Spec, started: float) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.common import OFFLINE_ENV, ROOT, Spec, comfy_dir, intervals, steady, tokenizer_dir
+from bench.common import OFFLINE_ENV, ROOT, Spec, read_events, steady, trainer_step_times
 
 RUN_PY = ROOT / "trainer" / "run.py"
 
@@ -24,7 +24,7 @@ def trainer_config(spec: Spec, run_dir: Path, max_steps: int) -> dict[str, Any]:
     (the default: the cache pass encodes every picture plain and mirrored) unless spec.extra turns it off."""
     return {
         "run_dir": str(run_dir),
-        "model": {"path": spec.checkpoint, "tokenizer_dir": str(tokenizer_dir(spec.comfy_dir or comfy_dir()))},
+        "model": {"path": spec.checkpoint, "tokenizer_dir": spec.tokenizer_dir},
         "data": {"folder": spec.data, "resolution": spec.resolution,
                  "random_flip": bool(spec.extra.get("random_flip", True))},
         "lora": {"rank": spec.rank, "alpha": float(spec.rank), "targets": "attention"},
@@ -40,10 +40,6 @@ def launch_argv(config_path: Path) -> list[str]:
             "--num_processes", "1", str(RUN_PY), "--config", str(config_path)]
 
 
-def read_events(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def summarize(events: list[dict[str, Any]], started: float, warmup: int) -> dict[str, Any]:
     """s/step, time to first step and the setup phases from a finished run's events."""
     first = {}
@@ -52,7 +48,7 @@ def summarize(events: list[dict[str, Any]], started: float, warmup: int) -> dict
     if "done" not in first:
         errors = [e.get("message") for e in events if e["type"] == "error"]
         raise RuntimeError(f"the trainer did not finish: {errors or 'no error event'}")
-    step_times = intervals([e["time"] for e in events if e["type"] == "step"], first["start"])
+    step_times = trainer_step_times(events)
     return {
         **steady(step_times, warmup),
         "step_times": step_times,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import BENCH, Spec, draw_dataset, intervals, steady  # noqa: E402
+from bench.common import BENCH, Spec, draw_dataset, read_events, steady, trainer_step_times  # noqa: E402
 
 
 def paired_steps(spec: Spec, run_dir: Path) -> tuple[list[float], list[float]]:
@@ -29,7 +29,7 @@ def paired_steps(spec: Spec, run_dir: Path) -> tuple[list[float], list[float]]:
     between its step events less the bare step inside it, and drift in the machine's speed hits both alike.
     """
     from bench.floor import fixed_inputs, step
-    from bench.ours import read_events, trainer_config
+    from bench.ours import trainer_config
     from trainer.config import parse_config
     from trainer.events import EventLog
     from trainer.loop import Trainer
@@ -49,9 +49,7 @@ def paired_steps(spec: Spec, run_dir: Path) -> tuple[list[float], list[float]]:
     trainer.check_stop_together = bare_step_then_check
     trainer.train()
     events.close()
-    log = read_events(run_dir / "events.jsonl")
-    start = next(e["time"] for e in log if e["type"] == "start")
-    whole = intervals([e["time"] for e in log if e["type"] == "step"], start)
+    whole = trainer_step_times(read_events(run_dir / "events.jsonl"))
     return [w - b for w, b in zip(whole, bare, strict=True)], bare
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from bench.common import Spec, comfy_dir, dataset_items, tokenizer_dir
+from bench.common import Spec, dataset_items
 from trainer.config import DataConfig, ModelConfig
 from trainer.data import bucket_for, open_image, prepare_image
 from trainer.families import get_family
@@ -31,7 +31,7 @@ def encode_once(spec: Spec, components: Any, family: Any) -> None:
 def run(spec: Spec, started: float) -> dict[str, Any]:
     imported = time.time()
     family = get_family("sd15")
-    model = ModelConfig(path=spec.checkpoint, tokenizer_dir=str(tokenizer_dir(spec.comfy_dir or comfy_dir())))
+    model = ModelConfig(path=spec.checkpoint, tokenizer_dir=spec.tokenizer_dir)
     components = family.load(model, torch.float32)
     loaded = time.time()
     encode_once(spec, components, family)

@@ -30,13 +30,13 @@ from bench.common import (  # noqa: E402
     OFFLINE_ENV,
     SHAPES,
     Spec,
-    comfy_dir,
     cpu_times,
     draw_dataset,
     gib,
     steal_fraction,
 )
 from bench.report import markdown, targets  # noqa: E402
+from scripts.comfy_server import default_comfy_dir  # noqa: E402
 
 LOW_CONTENDERS = ("probe", "ours", "ours_noflip", "seed", "floor", "native", "node")
 HIGH_CONTENDERS = ("ours", "seed", "floor")
@@ -72,7 +72,7 @@ def machine() -> dict[str, str]:
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    version = comfy_dir() / "comfyui_version.py"
+    version = default_comfy_dir() / "comfyui_version.py"
     comfyui = version.read_text().split("=")[-1].strip().strip("\"'") if version.is_file() else "?"
     pages = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {"cpu": cpu, "cores": str(os.cpu_count()), "memory_gib": f"{gib(pages):.0f}", "torch": torch.__version__,
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = args.checkpoint or ensure_random_sd15()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lora-foundry-bench-"))
     base = {"checkpoint": str(checkpoint), "warmup": settings["warmup"], "timed": settings["timed"],
-            "comfy_dir": str(comfy_dir()), "node_steps": settings["node_steps"]}
+            "comfy_dir": str(default_comfy_dir()), "node_steps": settings["node_steps"]}
     about = machine()
     print(f"[bench] {about['cpu']}, {about['cores']} cores, load average {about['load_average']}; "
           f"scratch {workdir}", flush=True)

@@ -22,7 +22,7 @@ from PIL import Image
 from torchvision import transforms
 from transformers import CLIPTokenizer
 
-from bench.common import ROOT, Spec, comfy_dir, dataset_items, steady, tokenizer_dir
+from bench.common import ROOT, Spec, dataset_items, steady
 
 CONFIG_DIR = ROOT / "trainer" / "families" / "sd15_config"
 LEARNING_RATE, BETAS, WEIGHT_DECAY, EPSILON, MAX_GRAD_NORM = 1e-4, (0.9, 0.999), 1e-2, 1e-8, 1.0
@@ -54,7 +54,7 @@ class CaptionedImages(torch.utils.data.Dataset):
 
 
 def load_pipeline(spec: Spec) -> tuple[Any, Any]:
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir(spec.comfy_dir or comfy_dir()), local_files_only=True)
+    tokenizer = CLIPTokenizer.from_pretrained(spec.tokenizer_dir, local_files_only=True)
     tokenizer.model_max_length = 77  # ComfyUI's copy of the tokenizer config says 8192 under transformers 5
     pipe = StableDiffusionPipeline.from_single_file(
         spec.checkpoint, config=str(CONFIG_DIR), tokenizer=tokenizer, safety_checker=None,
