@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts.comfy_server import default_comfy_dir
-from trainer.events import EventReader
+from trainer.events import read_events as read_event_file
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -101,8 +101,8 @@ def steady(step_times: list[float], warmup: int) -> dict[str, float]:
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:
-    """Every event of a finished trainer run's events.jsonl."""
-    return EventReader(path).read_new()
+    """Every event of a finished trainer run's events.jsonl (a torn last line from a killed run is dropped)."""
+    return read_event_file(path)
 
 
 def trainer_step_times(events: list[dict[str, Any]]) -> list[float]:

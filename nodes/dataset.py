@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
+from typing import Any
 
+import torch
 from comfy_api.latest import io
 
-from ..trainer.cache import fingerprint
+from ..trainer.cache import fingerprint, sha256_file
 from ..trainer.data import DataError, Item, check_images, open_image, scan_folder, write_manifest
 from . import paths
 from .hub import export_cached_dataset
@@ -17,12 +20,82 @@ from .images import labelled_grid, to_image_batch, to_pil
 Dataset = io.Custom("LORA_FOUNDRY_DATASET")
 SOURCES = ["folder", "hub_cache", "images"]
 PREVIEW_LIMIT = 16
+DIGEST_INDEX = "file-digests.json"
+CONTENT_VERSION = "dataset-content-v1"
+
+
+def file_stamp(path: str | Path) -> list[int]:
+    """What tells that a file may have changed without reading it. The mtime alone does not: copy tools keep
+    it and a user can set it. The ctime (inode change time) cannot be set and moves with every write, and a
+    file replaced by a rename has a new inode."""
+    stat = os.stat(path)
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
 
 
 def folder_fingerprint(folder: Path) -> str:
-    """Names, sizes and mtimes of every file: any change makes the node run again."""
-    entries = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+    """Names and stamps of every file: any change makes the node run again."""
+    entries = sorted((p.name, file_stamp(p)) for p in folder.iterdir() if p.is_file())
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+class FileDigests:
+    """sha256 of picture files, kept in a JSON index (resolved path -> stamp and digest) so an unchanged file
+    is not read again on the next queue. A changed stamp means reading the file again."""
+
+    def __init__(self, index_path: Path):
+        self.index_path = index_path
+        self.hashed = 0  # files read in full by this instance (the rest came from the index)
+        self._known = self._load()
+        self._dirty = False
+
+    def _load(self) -> dict[str, list]:
+        try:
+            known = json.loads(self.index_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # missing or torn: start again, it is only a cache
+            return {}
+        return known if isinstance(known, dict) else {}
+
+    def digest(self, path: str | Path) -> str:
+        resolved = str(Path(path).resolve())
+        stamp = file_stamp(resolved)
+        known = self._known.get(resolved)
+        if isinstance(known, list) and known[:-1] == stamp:
+            return known[-1]
+        digest = sha256_file(resolved)
+        self.hashed += 1
+        self._known[resolved] = [*stamp, digest]
+        self._dirty = True
+        return digest
+
+    def save(self) -> None:
+        """Write the index once per run of the node (not per file), without the files that are gone."""
+        if not self._dirty:
+            return
+        self._known = {path: entry for path, entry in self._known.items() if os.path.exists(path)}
+        self.index_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.index_path.with_name(f".{self.index_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self._known), encoding="utf-8")
+        os.replace(tmp, self.index_path)
+        self._dirty = False
+
+
+def content_key(items: list[Item], settings: dict, digests: FileDigests) -> str:
+    """sha256 over every picture's bytes and caption, in order, and the settings. Paths and times are left
+    out, so the same pictures give the same key wherever they live, and a replaced picture a new one."""
+    pictures = [[digests.digest(item.image), item.caption] for item in items]
+    return fingerprint(CONTENT_VERSION, pictures, settings)
+
+
+def dataset_content(items: list[Item], settings: dict, index_path: Path) -> str:
+    digests = FileDigests(index_path)
+    key = content_key(items, settings, digests)
+    digests.save()
+    return key
+
+
+def first(value: Any) -> Any:
+    """With is_input_list every input arrives as a list: a widget's list holds its one value."""
+    return value[0] if isinstance(value, list) else value
 
 
 def captions_for(count: int, text: str) -> list[str]:
@@ -34,14 +107,41 @@ def captions_for(count: int, text: str) -> list[str]:
     return lines
 
 
-def items_from_images(images, captions: str) -> tuple[list[Item], str]:
-    """Write an IMAGE batch as PNGs into the pack's datasets folder (content-named, so reruns reuse them)."""
-    texts = captions_for(images.shape[0], captions)
-    digest = hashlib.sha256(images.cpu().numpy().tobytes() + json.dumps(texts).encode()).hexdigest()[:16]
+def captions_for_pictures(count: int, captions: list[str]) -> list[str]:
+    """A STRING list of one caption per picture (ComfyUI's dataset loaders), or one text as captions_for reads."""
+    if len(captions) == 1:
+        return captions_for(count, captions[0])
+    if len(captions) != count:
+        raise ValueError(f"captions: {len(captions)} captions for {count} images; give one caption per image, "
+                         "or one text")
+    return [caption.strip() for caption in captions]
+
+
+def pictures_of(batches: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """Every [H, W, C] picture of a list of IMAGE batches, in order; the batches may differ in size (a list
+    output, such as ComfyUI's dataset loaders, gives one batch per picture)."""
+    return [picture for batch in batches if batch is not None for picture in batch]
+
+
+def pictures_digest(pictures: list[torch.Tensor], captions: list[str]) -> str:
+    digest = hashlib.sha256(json.dumps(captions).encode())
+    for picture in pictures:
+        digest.update(json.dumps(list(picture.shape)).encode())  # equal bytes at other sizes are other pictures
+        digest.update(picture.cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def items_from_images(batches: list[torch.Tensor | None], captions: list[str]) -> tuple[list[Item], str]:
+    """Write the pictures as PNGs into the pack's datasets folder (content-named, so reruns reuse them)."""
+    pictures = pictures_of(batches)
+    if not pictures:
+        raise ValueError("source 'images': the images input holds no pictures")
+    texts = captions_for_pictures(len(pictures), captions)
+    digest = pictures_digest(pictures, texts)
     folder = paths.datasets_dir() / f"images-{digest}"
     folder.mkdir(parents=True, exist_ok=True)
     items = []
-    for index, (image, caption) in enumerate(zip(images, texts, strict=True)):
+    for index, (image, caption) in enumerate(zip(pictures, texts, strict=True)):
         path = folder / f"{index:04d}.png"
         if not path.exists():
             to_pil(image).save(path)
@@ -56,6 +156,41 @@ def preview(items: list[Item]) -> object:
     return to_image_batch([labelled_grid(pictures, [i.caption for i in shown], cell=160, title=title)])
 
 
+def gather_items(source: str, folder: str, hub_dataset: str, captions: list[str],
+                 images: list[torch.Tensor | None] | None) -> tuple[list[Item], str, list[str]]:
+    """The pictures and captions of the chosen source, its name, and warnings about it."""
+    if source == "folder":
+        resolved = paths.resolve_dataset_folder(folder)
+        # images, captions and metadata alike: a symlink must not pull in a file from elsewhere
+        paths.require_inside(sorted(resolved.iterdir()), paths.input_dir(), f"dataset folder {folder!r}")
+        items, warnings = scan_folder(resolved)
+        return items, folder, warnings
+    if source == "hub_cache":
+        items, name = export_cached_dataset(hub_dataset.strip(), paths.datasets_dir())
+        return items, name, []
+    if images:
+        items, name = items_from_images(images, captions)
+        return items, name, []
+    raise ValueError("source 'images' needs the images input connected")
+
+
+def dataset_value(items: list[Item], name: str, settings: dict, warnings: list[str]) -> dict:
+    """The DATASET output: the manifest the trainer reads, and the keys that tell runs on it apart."""
+    key = fingerprint([(i.image, i.caption) for i in items], settings)[:16]
+    manifest = paths.datasets_dir() / "manifests" / f"{name.replace('/', '_')}-{key}.json"
+    write_manifest(items, manifest)
+    return {
+        "manifest": str(manifest),
+        "name": name,
+        "count": len(items),
+        "settings": settings,
+        "fingerprint": fingerprint(key, [Path(i.image).stat().st_mtime_ns for i in items]),
+        # the run identity's data part: picture bytes and captions, not where they are (see content_key)
+        "content": dataset_content(items, settings, paths.datasets_dir() / DIGEST_INDEX),
+        "warnings": warnings,
+    }
+
+
 class LoraFoundryDataset(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -64,6 +199,9 @@ class LoraFoundryDataset(io.ComfyNode):
             display_name="LoRA Foundry Dataset",
             category="LoRA Foundry",
             description="Training images and captions, with how they are cropped, flipped and bucketed.",
+            # a list output (ComfyUI's Load Image Dataset from Folder nodes: one IMAGE and one STRING per
+            # picture) must reach this node whole, in one run, not one run per picture
+            is_input_list=True,
             inputs=[
                 io.Combo.Input("source", options=SOURCES, default="folder",
                                tooltip="folder: a subfolder of ComfyUI's input folder; hub_cache: a datasets id "
@@ -73,10 +211,21 @@ class LoraFoundryDataset(io.ComfyNode):
                                "or a metadata.jsonl / metadata.csv"),
                 io.String.Input("hub_dataset", default="", tooltip="Dataset id (owner/name), read from the local "
                                 "cache only; nothing is downloaded"),
-                io.String.Input("captions", default="", multiline=True,
-                                tooltip="For source 'images': one caption per line, or one line for every image"),
-                io.Int.Input("resolution", default=768, min=64, max=2048, step=8,
-                             tooltip="Training resolution: side of the square bucket, in pixels"),
+                io.String.Input(
+                    "captions",
+                    default="",
+                    multiline=True,
+                    tooltip="For source 'images': one caption per line, or one line for every image; or a list "
+                    "of captions, one per image (the texts of Load Image and Text Dataset from Folder)",
+                ),
+                io.Int.Input(
+                    "resolution",
+                    default=512,
+                    min=64,
+                    max=2048,
+                    step=8,
+                    tooltip="Training resolution: side of the square bucket, in pixels (512 is SD 1.5's own)",
+                ),
                 io.Combo.Input("crop", options=["center", "random"], default="center",
                                tooltip="Where to crop when the picture does not fit its bucket"),
                 io.Boolean.Input("random_flip", default=True, tooltip="Flip half of the samples left-right"),
@@ -84,7 +233,12 @@ class LoraFoundryDataset(io.ComfyNode):
                                  tooltip="Train each picture at its own aspect ratio (buckets of equal area)"),
                 io.Int.Input("top_rows", default=0, min=0, max=1_000_000, tooltip="Use only the first N (0: all)"),
                 io.Int.Input("repeats", default=1, min=1, max=1000, tooltip="Times each picture appears per epoch"),
-                io.Image.Input("images", optional=True, tooltip="For source 'images': the training pictures"),
+                io.Image.Input(
+                    "images",
+                    optional=True,
+                    tooltip="For source 'images': the training pictures, as a batch or a list of pictures of "
+                    "any sizes",
+                ),
             ],
             outputs=[
                 Dataset.Output(display_name="dataset"),
@@ -94,44 +248,27 @@ class LoraFoundryDataset(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, source: str, folder: str, **kwargs) -> str:
-        if source == "folder":
+    def fingerprint_inputs(cls, source: list[str], folder: list[str], **kwargs: list) -> str:
+        if first(source) == "folder":
             try:
-                return folder_fingerprint(paths.resolve_dataset_folder(folder))
+                return folder_fingerprint(paths.resolve_dataset_folder(first(folder)))
             except (paths.PathError, OSError):
                 return ""
         return ""
 
     @classmethod
     def execute(
-        cls, source: str, folder: str, hub_dataset: str, captions: str, resolution: int, crop: str,
-        random_flip: bool, bucketing: bool, top_rows: int, repeats: int, images=None,
+        cls, source: list[str], folder: list[str], hub_dataset: list[str], captions: list[str],
+        resolution: list[int], crop: list[str], random_flip: list[bool], bucketing: list[bool],
+        top_rows: list[int], repeats: list[int], images: list[torch.Tensor | None] | None = None,
     ) -> io.NodeOutput:
-        warnings: list[str] = []
-        if source == "folder":
-            resolved = paths.resolve_dataset_folder(folder)
-            # images, captions and metadata alike: a symlink must not pull in a file from elsewhere
-            paths.require_inside(sorted(resolved.iterdir()), paths.input_dir(), f"dataset folder {folder!r}")
-            items, warnings = scan_folder(resolved)
-            name = folder
-        elif source == "hub_cache":
-            items, name = export_cached_dataset(hub_dataset.strip(), paths.datasets_dir())
-        elif images is not None:
-            items, name = items_from_images(images, captions)
-        else:
-            raise ValueError("source 'images' needs the images input connected")
-        if top_rows:
-            items = items[:top_rows]
+        items, name, warnings = gather_items(first(source), first(folder), first(hub_dataset), captions, images)
+        if first(top_rows):
+            items = items[: first(top_rows)]
         try:
             check_images(items)
         except DataError as error:
             raise ValueError(str(error)) from None
-        settings = {"resolution": resolution, "crop": crop, "random_flip": random_flip, "bucketing": bucketing,
-                    "top_rows": 0, "repeats": repeats}
-        key = fingerprint([(i.image, i.caption) for i in items], settings)[:16]
-        manifest = paths.datasets_dir() / "manifests" / f"{name.replace('/', '_')}-{key}.json"
-        write_manifest(items, manifest)
-        value = {"manifest": str(manifest), "name": name, "count": len(items), "settings": settings,
-                 "fingerprint": fingerprint(key, [Path(i.image).stat().st_mtime_ns for i in items]),
-                 "warnings": warnings}
-        return io.NodeOutput(value, preview(items), len(items))
+        settings = {"resolution": first(resolution), "crop": first(crop), "random_flip": first(random_flip),
+                    "bucketing": first(bucketing), "top_rows": 0, "repeats": first(repeats)}
+        return io.NodeOutput(dataset_value(items, name, settings, warnings), preview(items), len(items))

@@ -26,8 +26,11 @@ class LoraFoundryLoraConfig(io.ComfyNode):
                 io.Combo.Input("init", options=list(typing.get_args(LoraInit)), default="gaussian",
                                tooltip="Initialisation of the down weights (the up weights start at zero)"),
                 io.Combo.Input("targets", options=list(typing.get_args(TargetPreset)), default="attention",
-                               tooltip="attention: to_q/k/v/out; attention_ff: plus feed-forward; all: every "
-                               "linear and conv layer of the UNet"),
+                               tooltip="attention: to_q/k/v/out; attention_ff: plus feed-forward; all: kohya's LoCon "
+                               "set, every linear and conv layer of the transformer, resnet and down/upsample "
+                               "blocks (not conv_in, conv_out or the time embedding, which kohya and older "
+                               "diffusers do not load). With the text encoder, attention_ff and all also "
+                               "train its MLP"),
                 io.Float.Input("dropout", default=0.0, min=0.0, max=0.9, step=0.05,
                                tooltip="Dropout on the LoRA path during training"),
                 io.Boolean.Input("train_text_encoder", default=False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import typing
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import comfy.model_management
@@ -13,8 +14,9 @@ from comfy_api.latest import io
 from PIL import Image
 from safetensors import safe_open
 
-from ..trainer.cache import fingerprint
-from ..trainer.config import ConfigError, LrScheduler, MixedPrecision, Optimizer, RunConfig, parse_config
+from ..trainer.config import ConfigError, Device, LrScheduler, MixedPrecision, Optimizer, RunConfig, parse_config
+from ..trainer.events import read_events
+from ..trainer.identity import run_identity
 from . import paths
 from .dataset import Dataset
 from .images import loss_curve, to_image_batch
@@ -24,13 +26,33 @@ from .lora_config import LoraConfigType
 NO_ACCELERATE_CONFIG = "none"
 
 
-def identity(cfg: RunConfig) -> str:
-    """What makes two runs the same: everything but where they write and whether they may overwrite."""
-    raw = cfg.to_dict()
-    raw.pop("run_dir")
-    raw["output"].pop("overwrite")
-    raw["train"].pop("cache_dir")
-    return fingerprint(raw)
+class Existing(Enum):
+    """What an existing LoRA file of the chosen name is to this run."""
+
+    NONE = "none"  # no file: train
+    DONE = "done"  # made by this very run, same length and samples: nothing to do
+    OURS = "ours"  # made by this run with another length or other samples: continue or re-sample, then rewrite
+    FOREIGN = "foreign"  # anything else: only replaced when overwrite is on
+
+
+def stored_config(lora: Path) -> RunConfig | None:
+    """The run config a LoRA Foundry file carries in its metadata, or None for any other file."""
+    try:
+        with safe_open(str(lora), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return parse_config(json.loads(metadata["lora_foundry.config"]))
+    except Exception:
+        return None
+
+
+def existing_lora(lora: Path, cfg: RunConfig) -> Existing:
+    if not lora.exists():
+        return Existing.NONE
+    made = stored_config(lora)
+    if made is None or not made.output.run_id or made.output.run_id != cfg.output.run_id:
+        return Existing.FOREIGN
+    same_length = (made.train.max_steps, made.train.epochs) == (cfg.train.max_steps, cfg.train.epochs)
+    return Existing.DONE if same_length and made.sample == cfg.sample else Existing.OURS
 
 
 @dataclass
@@ -49,6 +71,10 @@ class RunRecord:
         if kind == "start":
             self.total_steps = event["total_steps"]
         elif kind == "step":
+            while self.steps and self.steps[-1] >= event["step"]:  # a resumed attempt redoes these steps
+                self.steps.pop()
+                self.losses.pop()
+                self.smoothed.pop()
             self.steps.append(event["step"])
             self.losses.append(event["loss"])
             self.smoothed.append(event["smoothed_loss"])
@@ -59,12 +85,10 @@ class RunRecord:
 
 
 def read_record(events_path: Path) -> RunRecord:
+    """Every attempt of a run, in order: the loss curve covers the whole training, resumed or not."""
     record = RunRecord()
-    if events_path.is_file():
-        with events_path.open(encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    record.add(json.loads(line))
+    for event in read_events(events_path):
+        record.add(event)
     return record
 
 
@@ -84,15 +108,26 @@ def progress_text(event: dict) -> str | None:
         return (f"step {event['step']}/{event['total_steps']} · loss {event['loss']:.4f} "
                 f"(smoothed {event['smoothed_loss']:.4f}) · {event['images_per_s']:.2f} img/s · "
                 f"eta {format_seconds(event['eta_s'])}")
+    if kind == "resume":
+        return f"continuing from the checkpoint of step {event['step']}"
+    if kind == "saving":
+        return f"saving a checkpoint at step {event['step']}"
     if kind == "checkpoint":
         return f"checkpoint saved at step {event['step']}"
+    if kind == "sampling":
+        return f"drawing {event['prompts']} validation sample(s) at step {event['step']}"
     if kind == "sample":
         return f"validation sample at step {event['step']}"
+    if kind == "cancelled":
+        return f"stopped at step {event['step']}: the checkpoint is kept, queue again to continue"
     if kind == "warning":
         return f"warning: {event['message']}"
     if kind == "done":
         return f"done: {event['steps']} steps in {format_seconds(event['seconds'])} · {Path(event['lora']).name}"
     return None
+
+
+BETWEEN_STEPS = ("saving", "checkpoint", "sampling", "sample", "warning", "cancelled")
 
 
 class Progress:
@@ -105,6 +140,7 @@ class Progress:
         self.server = PromptServer.instance
         self.bar = comfy.utils.ProgressBar(1, node_id=node_id)
         self.record = RunRecord()
+        self.step_line: str | None = None  # kept on the node under what happens between and after steps
 
     def __call__(self, event: dict) -> None:
         self.record.add(event)
@@ -117,6 +153,10 @@ class Progress:
             preview = Image.open(event["path"]).convert("RGB")
             self.bar.update_absolute(self.bar.current, preview=("PNG", preview, 512))
         text = progress_text(event)
+        if kind == "step":
+            self.step_line = text
+        elif text and self.step_line and kind in BETWEEN_STEPS:
+            text = f"{self.step_line}\n{text}"
         if text and self.node_id is not None:
             self.server.send_progress_text(text, self.node_id)
 
@@ -163,7 +203,7 @@ class LoraFoundryTrain(io.ComfyNode):
                                  tooltip="Replace an existing LoRA of that name (off: an existing file is an error)"),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=False,
                                tooltip="AdamW learning rate"),
-                io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="Images per step on each process"),
+                io.Int.Input("batch_size", default=1, min=1, max=256, tooltip="Images per step on each process"),
                 io.Int.Input("gradient_accumulation_steps", default=1, min=1, max=256,
                              tooltip="Batches whose gradients add up to one optimizer step"),
                 io.Int.Input("epochs", default=200, min=0, max=100_000,
@@ -177,10 +217,10 @@ class LoraFoundryTrain(io.ComfyNode):
                                tooltip="adamw8bit needs a CUDA GPU and bitsandbytes"),
                 io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=100.0, step=0.1,
                                tooltip="Clip gradients to this norm (0: no clipping)"),
-                io.Combo.Input("mixed_precision", options=list(typing.get_args(MixedPrecision)), default="fp16",
-                               tooltip="Precision of the frozen model on a GPU; LoRA weights stay fp32. On the CPU "
-                               "fp16 falls back to fp32"),
-                io.Boolean.Input("gradient_checkpointing", default=False,
+                io.Combo.Input("mixed_precision", options=list(typing.get_args(MixedPrecision)), default="auto",
+                               tooltip="Precision of the frozen model; LoRA weights stay fp32. auto: bf16 on a GPU "
+                               "that has it, else fp16 on CUDA, fp32 on the CPU and on Apple silicon"),
+                io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Less GPU memory for about 20-30% more time per step"),
                 io.Float.Input("min_snr_gamma", default=0.0, min=0.0, max=20.0, step=0.5,
                                tooltip="Min-SNR loss weighting (0: off; 5 is common)"),
@@ -197,8 +237,8 @@ class LoraFoundryTrain(io.ComfyNode):
                 io.Int.Input("sample_every_steps", default=0, min=0, max=1_000_000,
                              tooltip="Draw the validation prompts every N steps (0: once, at the end)"),
                 io.Int.Input("sample_steps", default=20, min=1, max=200, tooltip="Sampling steps per validation image"),
-                io.Combo.Input("device", options=["auto", "cuda", "cpu"], default="auto",
-                               tooltip="auto: the GPU when there is one"),
+                io.Combo.Input("device", options=list(typing.get_args(Device)), default="auto",
+                               tooltip="auto: a CUDA GPU, then Apple silicon (mps), then the CPU"),
                 io.Int.Input("num_processes", default=1, min=1, max=64,
                              tooltip="Training processes (one per GPU); the batch is per process"),
                 io.String.Input("gpu_ids", default="", tooltip="Which GPUs, e.g. 0,1 (empty: all visible)"),
@@ -241,7 +281,8 @@ class LoraFoundryTrain(io.ComfyNode):
             cfg = parse_config(raw)
         except ConfigError as error:
             raise ValueError(str(error)) from None
-        cfg.run_dir = str(paths.runs_dir() / f"{stem}-{identity(cfg)[:12]}")
+        cfg.output.run_id = run_identity(cfg, dataset["content"])
+        cfg.run_dir = str(paths.runs_dir() / f"{stem}-{cfg.output.run_id[:12]}")
         return cfg
 
     @classmethod
@@ -253,12 +294,14 @@ class LoraFoundryTrain(io.ComfyNode):
             accelerate_config = paths.resolve_accelerate_config(kw["accelerate_config"])
         lora, run_dir = Path(cfg.output.lora_path), Path(cfg.run_dir)
         title = f"{lora.name} · {Path(cfg.model.path).name}"
-        if lora.exists():
-            if cls.made_by(lora, cfg):
-                return outputs(cfg, lora, read_record(run_dir / "events.jsonl"), title)
-            if not cfg.output.overwrite:
-                raise ValueError(f"{lora} exists and was not made by this graph; turn on overwrite or change "
-                                 "output_name")
+        existing = existing_lora(lora, cfg)
+        if existing is Existing.DONE:
+            return outputs(cfg, lora, read_record(run_dir / "events.jsonl"), title)
+        if existing is Existing.OURS:
+            cfg.output.overwrite = True  # our own file, continued or re-sampled by the same run
+        elif existing is Existing.FOREIGN and not cfg.output.overwrite:
+            raise ValueError(f"{lora} exists and was not made by this graph; turn on overwrite or change "
+                             "output_name")
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path = run_dir / "config.json"
         config_path.write_text(cfg.to_json() + "\n", encoding="utf-8")
@@ -269,20 +312,8 @@ class LoraFoundryTrain(io.ComfyNode):
         comfy.model_management.unload_all_models()
         comfy.model_management.soft_empty_cache()
         progress = Progress(cls.hidden.unique_id)
-        process = TrainerProcess(launch_argv(config_path, kw["num_processes"], accelerate_config),
-                                 run_dir / "trainer.log", gpu_ids)
-        finished = follow(process, run_dir / "events.jsonl", progress,
-                          comfy.model_management.processing_interrupted)
+        process = TrainerProcess(launch_argv(config_path, kw["num_processes"], accelerate_config), run_dir, gpu_ids)
+        finished = follow(process, progress, comfy.model_management.processing_interrupted)
         if not finished:
             comfy.model_management.throw_exception_if_processing_interrupted()
-        return outputs(cfg, lora, progress.record, title)
-
-    @staticmethod
-    def made_by(lora: Path, cfg: RunConfig) -> bool:
-        try:
-            with safe_open(str(lora), framework="pt") as f:
-                metadata = f.metadata() or {}
-            made = parse_config(json.loads(metadata["lora_foundry.config"]))
-        except Exception:
-            return False
-        return identity(made) == identity(cfg)
+        return outputs(cfg, lora, read_record(run_dir / "events.jsonl"), title)

@@ -66,11 +66,20 @@ shutil.move(str(staging), str(dest))
 PY
     rm -rf "$tmp"
   fi
-  if [ ! -f "$VENV/.comfyui-reqs" ]; then
-    log "installing ComfyUI's requirements (torch left as installed)"
-    grep -vE '^(torch|torchvision|torchaudio)\s*$' "$COMFY/requirements.txt" > "$VENV/.comfyui-requirements.txt"
-    "${PIP[@]}" -r "$VENV/.comfyui-requirements.txt"
-    touch "$VENV/.comfyui-reqs"
+fi
+
+# The requirements of whichever ComfyUI is used (its own or COMFYUI_DIR's), torch left as installed; done
+# again whenever that requirements file changes (a stamp per ComfyUI folder).
+if [ -f "$COMFY/requirements.txt" ]; then
+  comfy_key="$(printf '%s' "$(cd "$COMFY" && pwd -P)" | sha256sum | cut -c1-16)"
+  comfy_stamp="$VENV/.comfyui-reqs-$comfy_key"
+  comfy_want="$(sha256sum < "$COMFY/requirements.txt" | cut -c1-16)"
+  if [ "$(cat "$comfy_stamp" 2>/dev/null)" != "$comfy_want" ]; then
+    log "installing the requirements of $COMFY (torch left as installed)"
+    grep -vE '^\s*(torch|torchvision|torchaudio)\s*([<>=!~;#].*)?$' "$COMFY/requirements.txt" \
+      > "$VENV/.comfyui-requirements.txt"
+    (cd "$COMFY" && "${PIP[@]}" -r "$VENV/.comfyui-requirements.txt")
+    echo "$comfy_want" > "$comfy_stamp"
   fi
 fi
 

@@ -137,8 +137,10 @@ def run_trainer(cfg: dict, num_processes: int = 1, timeout: float = 600) -> subp
 
 
 def read_events(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The events of RUN_DIR/events.jsonl, read as the pack reads them (trainer.events.read_events)."""
+    from trainer.events import read_events as read_event_file
+
+    return read_event_file(Path(run_dir) / "events.jsonl")
 
 
 def wait_for_group_exit(pgid: int, timeout: float = 60) -> None:

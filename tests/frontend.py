@@ -272,9 +272,17 @@ class ComfyPage:
 
         Returns the node that was added."""
         before = {node["id"] for node in self.nodes()}
-        self.page.locator("#graph-canvas").dblclick(position={"x": at[0], "y": at[1]})
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
         search = self.page.get_by_role("combobox").or_(self.page.locator(".comfy-vue-node-search-box input"))
-        search.first.wait_for(timeout=10_000)
+        for attempt in range(3):  # a double-click the canvas takes while still settling opens nothing: again
+            self.page.locator("#graph-canvas").dblclick(position={"x": at[0], "y": at[1]})
+            try:
+                search.first.wait_for(timeout=5_000)
+                break
+            except PlaywrightTimeout:
+                if attempt == 2:
+                    raise
         self.page.keyboard.type(query, delay=20)
         wait_until(lambda: self.search_results()[:1] and self.search_results()[0].startswith(query), 10,
                    f"{query!r} as the first search result")

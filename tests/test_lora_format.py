@@ -7,12 +7,10 @@ check would pass trivially) and alpha != rank, so a scaling mistake shows.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -24,12 +22,10 @@ from safetensors.torch import load_file, save_file
 from tiny_model import build_scheduler, build_text_encoder, build_unet, build_vae
 
 import trainer.lora_file as lora_file
-from trainer.config import DataConfig, LoraConfig, ModelConfig, OutputConfig, RunConfig
+from trainer.config import LoraConfig, ModelConfig, RunConfig
 from trainer.families.sd15 import SD15
 from trainer.lora_file import (
-    count_tags,
     kohya_state_dict,
-    lora_metadata,
     read_lora_file,
     save_lora_file,
 )
@@ -41,6 +37,10 @@ TOLERANCE = 1e-5
 # (unet preset, train the text encoder too)
 CASES = [("attention", False), ("attention", True), ("attention_ff", True), ("all", True)]
 CASE_IDS = [f"{preset}{'+te' if te else ''}" for preset, te in CASES]
+# kohya's networks/lora.py: UNET_TARGET_REPLACE_MODULE + UNET_TARGET_REPLACE_MODULE_CONV2D_3X3 (LoCon, conv_dim
+# set), and TEXT_ENCODER_TARGET_REPLACE_MODULE
+KOHYA_UNET_LOCON = ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D")
+KOHYA_TE = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
 
 
 @dataclass
@@ -144,10 +144,42 @@ def test_file_holds_down_up_alpha_per_module(trained, case):
         assert module.delta.abs().max() > 1e-3  # the check above is not trivial
 
 
-def test_all_preset_writes_conv_layers(trained):
+def _kohya_selects(part: str, model: torch.nn.Module, blocks: tuple[str, ...]) -> set[str]:
+    """kohya's module rule (networks/lora.py create_modules): every Linear and Conv2d inside a module whose class
+    is one of `blocks`, named by its full path."""
+    names = set()
+    for path, module in model.named_modules():
+        if type(module).__name__ in blocks:
+            for child, layer in module.named_modules():
+                if type(layer).__name__ in ("Linear", "Conv2d"):
+                    names.add(_kohya_name(part, f"{path}.{child}"))
+    return names
+
+
+def _kohya_all_preset(unet: torch.nn.Module, text_encoder: torch.nn.Module) -> set[str]:
+    return _kohya_selects("unet", unet, KOHYA_UNET_LOCON) | _kohya_selects("text_encoder", text_encoder, KOHYA_TE)
+
+
+def test_all_preset_is_kohyas_locon_module_set(trained):
+    """"all" adapts exactly what kohya's LoCon (conv_dim set) adapts, so every loader reads every tensor; that
+    ComfyUI maps each of these keys is test_comfyui_loads_every_key_with_the_trained_delta[all+te]."""
     modules = trained[("all", True)].modules
-    assert any(m.base.dim() == 4 and m.base.shape[-1] == 3 for m in modules.values())
-    assert {"lora_unet_conv_in", "lora_unet_conv_out", "lora_unet_time_embedding_linear_1"} <= set(modules)
+    assert set(modules) == _kohya_all_preset(build_unet(), build_text_encoder())
+    outside = ("lora_unet_conv_in", "lora_unet_conv_out", "lora_unet_time_embedding")
+    assert not [name for name in modules if name.startswith(outside)]
+    assert any(m.base.dim() == 4 and m.base.shape[-1] == 3 for m in modules.values())  # the 3x3 convs
+
+
+def test_trainer_all_preset_on_the_tiny_model(tiny_model_dir):
+    """The trainer's own path: the tiny model loaded from its folder, adapters added as a run adds them."""
+    from trainer.loop import add_lora
+
+    components = SD15.load(ModelConfig(path=str(tiny_model_dir)), torch.float32)
+    expected = _kohya_all_preset(components.unet, components.text_encoder)  # before the adapters wrap layers
+    cfg = RunConfig(lora=LoraConfig(rank=RANK, alpha=ALPHA, targets="all", train_text_encoder=True))
+    add_lora(cfg, SD15, components)
+    tensors = kohya_state_dict(components.unet, components.text_encoder, alpha=ALPHA, prefixes=SD15.lora_prefixes)
+    assert {key.split(".")[0] for key in tensors} == expected
 
 
 def test_rejects_what_kohya_cannot_hold():
@@ -395,83 +427,3 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch, failing
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert not _temp_files(tmp_path)
-
-
-# --- metadata ------------------------------------------------------------------------------------------
-
-REQUIRED_KEYS = """ss_network_module ss_network_dim ss_network_alpha ss_base_model_version ss_resolution
-ss_num_train_images ss_steps ss_epoch ss_learning_rate ss_tag_frequency ss_training_started_at
-ss_training_finished_at ss_output_name ss_seed ss_network_args ss_text_encoder_lr ss_unet_lr ss_lr_scheduler
-ss_optimizer ss_batch_size_per_device ss_gradient_accumulation_steps ss_mixed_precision ss_max_grad_norm
-ss_noise_offset ss_min_snr_gamma ss_max_train_steps modelspec.sai_model_spec modelspec.architecture
-modelspec.implementation modelspec.title modelspec.resolution modelspec.date lora_foundry.config""".split()
-
-
-def _cfg(tmp_path: Path, *, name: str = "", targets: str = "all") -> RunConfig:
-    return RunConfig(
-        run_dir=str(tmp_path / "run"),
-        model=ModelConfig(path="/models/v1-5-pruned.safetensors"),
-        data=DataConfig(folder="/data/cats", resolution=768),
-        lora=LoraConfig(rank=RANK, alpha=ALPHA, targets=targets, train_text_encoder=True),
-        output=OutputConfig(lora_path=str(tmp_path / "cat_lora.safetensors"), name=name),
-    )
-
-
-def _metadata(cfg: RunConfig, tags: dict) -> dict[str, str]:
-    return lora_metadata(
-        cfg,
-        family=SD15,
-        num_train_images=3,
-        steps=120,
-        epoch=40,
-        tag_frequency=tags,
-        started_at=1_700_000_000.5,
-        finished_at=1_700_000_600.25,
-    )
-
-
-def test_metadata_keys_and_values(tmp_path):
-    cfg = _cfg(tmp_path)
-    tags = count_tags(["a cat, sitting ,  red", "a cat,,", "dog"], "cats")
-    assert tags == {"cats": {"a cat": 2, "sitting": 1, "red": 1, "dog": 1}}
-    metadata = _metadata(cfg, tags)
-    assert set(REQUIRED_KEYS) <= set(metadata)
-    assert all(isinstance(v, str) for v in metadata.values())
-    assert metadata["ss_network_module"] == "networks.lora"
-    assert (metadata["ss_network_dim"], float(metadata["ss_network_alpha"])) == (str(RANK), ALPHA)
-    assert metadata["ss_base_model_version"] == "sd_v1"
-    assert metadata["ss_resolution"] == "(768, 768)" and metadata["modelspec.resolution"] == "768x768"
-    assert (metadata["ss_steps"], metadata["ss_epoch"], metadata["ss_num_train_images"]) == ("120", "40", "3")
-    assert json.loads(metadata["ss_tag_frequency"]) == tags
-    assert json.loads(metadata["ss_network_args"]) == {"conv_dim": str(RANK), "conv_alpha": str(ALPHA)}
-    assert float(metadata["ss_training_started_at"]) == 1_700_000_000.5
-    assert float(metadata["ss_training_finished_at"]) == 1_700_000_600.25
-    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
-    assert metadata["modelspec.sai_model_spec"] == "1.0.0"
-    assert metadata["modelspec.title"] == metadata["ss_output_name"] == "cat_lora"
-    date = datetime.fromisoformat(metadata["modelspec.date"])
-    assert math.isclose(date.timestamp(), 1_700_000_600, abs_tol=1)
-    assert json.loads(metadata["lora_foundry.config"]) == cfg.to_dict()
-    assert float(metadata["ss_learning_rate"]) == cfg.train.learning_rate
-    for key in (
-        "ss_unet_lr",
-        "ss_text_encoder_lr",
-        "ss_max_grad_norm",
-        "ss_noise_offset",
-        "ss_min_snr_gamma",
-    ):
-        float(metadata[key])
-
-
-def test_metadata_variants(tmp_path):
-    metadata = _metadata(_cfg(tmp_path, name="My Cat", targets="attention"), {"cats": {}})
-    assert metadata["modelspec.title"] == metadata["ss_output_name"] == "My Cat"
-    assert "ss_network_args" not in metadata  # no conv layers: plain kohya LoRA
-    with pytest.raises(TypeError, match="dataset"):
-        _metadata(_cfg(tmp_path), {"a cat": 2})
-
-
-def test_metadata_round_trips_through_the_file(tmp_path):
-    metadata = _metadata(_cfg(tmp_path), count_tags(["a, b"], "cats"))
-    save_lora_file(tmp_path / "m.safetensors", _tensors(1.0), metadata, overwrite=False)
-    assert read_lora_file(tmp_path / "m.safetensors")[1] == metadata

@@ -21,8 +21,8 @@ Optimizer = Literal["adamw", "adamw8bit"]
 LrScheduler = Literal[
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
 ]
-MixedPrecision = Literal["no", "fp16", "bf16"]
-Device = Literal["auto", "cpu", "cuda"]
+MixedPrecision = Literal["no", "fp16", "bf16", "auto"]  # auto: bf16 or fp16 on CUDA, fp32 elsewhere
+Device = Literal["auto", "cpu", "cuda", "mps"]
 PredictionType = Literal["epsilon", "v_prediction"]
 Family = Literal["sd15"]
 
@@ -111,6 +111,7 @@ class OutputConfig:
     lora_path: str = ""  # the final LoRA file (.safetensors)
     overwrite: bool = False
     name: str = ""  # title in the file's metadata; "" → the file's stem
+    run_id: str = ""  # the run's identity (trainer/identity.py), kept in the LoRA's metadata by the config
 
 
 @dataclass

@@ -27,7 +27,7 @@ from .data import check_images, load_items
 from .encode import Encoded, encode_dataset
 from .events import EventLog
 from .families import Components, ModelFamily, get_family
-from .lora_file import count_tags, kohya_state_dict, lora_metadata, save_lora_file
+from .lora_file import base_model_hashes, count_tags, dataset_name, kohya_state_dict, lora_metadata, save_lora_file
 from .resume import load_checkpoint, newest_checkpoint, save_checkpoint
 from .sampling import render_samples
 from .schedule import EpochPlan, Slot, derive_seed, draw
@@ -37,20 +37,41 @@ class Cancelled(Exception):
     """SIGTERM/SIGINT arrived; a checkpoint was saved where there was training to keep."""
 
 
+def choose_device(requested: str, has_cuda: bool, has_mps: bool) -> str:
+    """'auto' → cuda, then mps (Apple silicon), then cpu; an explicit choice the machine lacks is an error."""
+    if requested == "auto":
+        return "cuda" if has_cuda else "mps" if has_mps else "cpu"
+    if requested == "cuda" and not has_cuda:
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible to the trainer")
+    if requested == "mps" and not has_mps:
+        raise RuntimeError("train.device is 'mps' but this machine has no Apple-silicon GPU (torch.backends.mps)")
+    return requested
+
+
+def choose_precision(requested: str, device: str, bf16_supported: bool, warn: Callable[[str], None]) -> str:
+    """'auto' → bf16 on a CUDA GPU that has it, else fp16 on CUDA, fp32 elsewhere. fp16 off CUDA falls back
+    to fp32 with a warning: accelerate applies no fp16 autocast on the CPU, and fp16 training on MPS is not
+    something we can test."""
+    if requested == "auto":
+        return ("bf16" if bf16_supported else "fp16") if device == "cuda" else "no"
+    if requested == "fp16" and device != "cuda":
+        warn(f"fp16 mixed precision needs a CUDA GPU; training on {device} in fp32 (mixed_precision 'no')")
+        return "no"
+    return requested
+
+
 def make_accelerator(cfg: RunConfig, warn: Callable[[str], None]) -> Accelerator:
     t = cfg.train
     has_cuda = torch.cuda.is_available()
-    if t.device == "cuda" and not has_cuda:
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible to the trainer")
-    on_cpu = t.device == "cpu" or not has_cuda
-    precision = t.mixed_precision
-    if on_cpu and precision == "fp16":
-        warn("fp16 mixed precision needs a GPU; training on the CPU in fp32 (mixed_precision 'no')")
-        precision = "no"
-    if on_cpu:
+    has_mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    device = choose_device(t.device, has_cuda, has_mps)
+    bf16_ok = has_cuda and torch.cuda.is_bf16_supported()
+    precision = choose_precision(t.mixed_precision, device, bf16_ok, warn)
+    if device == "cpu":
         torch.set_num_threads(cpu_threads(os.environ.get("OMP_NUM_THREADS"), os.environ.get("LOCAL_WORLD_SIZE")))
-    # cpu=True is what makes a multi-process launch on the CPU join one gloo group
-    accelerator = Accelerator(cpu=on_cpu, mixed_precision=precision)
+    # cpu=True is what makes a multi-process launch on the CPU join one gloo group; accelerate picks mps by
+    # itself when it is there and cpu is False
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=precision)
     require_one_group(int(os.environ.get("WORLD_SIZE", "1")), accelerator.num_processes)
     return accelerator
 
@@ -81,6 +102,10 @@ def require_batch_fits(cfg: RunConfig, images: int, processes: int) -> None:
             f"train.batch_size {cfg.train.batch_size} x {processes} process(es) is larger than the dataset "
             f"({images} images x {cfg.data.repeats} repeats); lower it or add images"
         )
+
+
+def failure_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
 
 def weight_dtype(accelerator: Accelerator) -> torch.dtype:
@@ -183,8 +208,10 @@ class Trainer:
         self.stop_requested = stop_requested
         self.family = get_family(cfg.model.family)
         self.started_at = time.time()
-        self.steps_done = 0
-        self.epoch = 0
+        self.steps_done = self.start_step = 0
+        self.last_checkpoint_step = -1
+        self.sampled_steps: set[int] = set()
+        self._base_model_hashes: dict[str, str] | None = None
 
     def warn(self, message: str) -> None:
         self.events.emit("warning", message=message)
@@ -216,8 +243,10 @@ class Trainer:
         check_images(self.items)
         require_batch_fits(cfg, len(self.items), acc.num_processes)
         self.family.check(cfg.model)
-        self.events.emit("loading", model=cfg.model.path)
+        self.check_stop()
+        self.events.emit("loading", model=Path(cfg.model.path).name)
         self.components = self.family.load(cfg.model, weight_dtype(acc))
+        self.check_stop()  # loading cannot be interrupted inside; a stop asked meanwhile is honoured here
         self.components.unet.to(self.device)
         with acc.main_process_first():  # the main process fills the disk cache, the others read it
             self.encoded = encode_dataset(cfg, self.family, self.components, self.items, self.device, self._cached)
@@ -288,7 +317,8 @@ class Trainer:
 
     def _resume(self) -> int:
         cfg = self.cfg
-        newest = newest_checkpoint(cfg.run_dir) if cfg.train.resume else None
+        # at most the planned length: a run asked to stop earlier than before resumes from a checkpoint inside it
+        newest = newest_checkpoint(cfg.run_dir, at_most=self.total_steps) if cfg.train.resume else None
         if newest is None:
             return 0
         state = load_checkpoint(newest)
@@ -301,7 +331,8 @@ class Trainer:
         self.lr_scheduler.load_state_dict({k: v for k, v in state["scheduler"].items() if v is not None})
         if state["scaler"] and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
-        self.events.emit("resume", step=state["step"], checkpoint=str(newest))
+        self.events.emit("resume", step=state["step"], checkpoint=newest.name)
+        self.last_checkpoint_step = state["step"]
         return state["step"]
 
     # ---- the step loop ---------------------------------------------------------------------------
@@ -346,7 +377,6 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
 
             done = self.steps_done = step + 1
-            self.epoch = epoch
             step_loss = acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
             smoothed = step_loss if smoothed is None else 0.9 * smoothed + 0.1 * step_loss
             now = time.time()
@@ -372,9 +402,14 @@ class Trainer:
             if cfg.sample.prompts and cfg.sample.every_steps and done % cfg.sample.every_steps == 0:
                 self.sample(done)
         bar.close()
-        if cfg.sample.prompts and not (cfg.sample.every_steps and self.total_steps % cfg.sample.every_steps == 0):
+        # The finished training is kept as a checkpoint before anything else can fail: a failed final write
+        # saves on the next queue without retraining, and a longer run continues from here.
+        self.save_checkpoint(self.steps_done)
+        path = self.save_final()
+        # the LoRA is on disk before the last sample: a sample that fails or is cancelled costs no training
+        if cfg.sample.prompts and self.total_steps not in self.sampled_steps:
             self.sample(self.total_steps)
-        return self.save_final()
+        return path
 
     def _encode_text(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.family.encode_text(self.models[1], batch["input_ids"].to(self.device))
@@ -389,25 +424,35 @@ class Trainer:
         unet, te = self._unwrapped()
         return kohya_state_dict(unet, te, alpha=self.cfg.lora.alpha, prefixes=self.family.lora_prefixes)
 
-    def dataset_label(self) -> str:
-        data = self.cfg.data
-        return Path(data.folder).name if data.folder else Path(data.manifest or "dataset").stem
+    def _base_hashes(self) -> dict[str, str]:
+        # hashing a multi-GB base model file takes seconds: once per run
+        if self._base_model_hashes is None:
+            self._base_model_hashes = base_model_hashes(self.cfg.model.path)
+        return self._base_model_hashes
 
     def _write_lora(self, path: Path, steps: int, overwrite: bool) -> None:
+        tensors = self._lora_tensors()
+        latent_sizes = Counter(tuple(e.latents.shape[-2:]) for e in self.encoded)  # (h, w) per image
         metadata = lora_metadata(
             self.cfg,
             family=self.family,
             num_train_images=len(self.items) * self.cfg.data.repeats,
             steps=steps,
-            epoch=self.epoch,
-            tag_frequency=count_tags((item.caption for item in self.items), self.dataset_label()),
+            tag_frequency=count_tags((item.caption for item in self.items), dataset_name(self.cfg.data)),
             started_at=self.started_at,
             finished_at=time.time(),
             max_train_steps=self.total_steps,
+            batches_per_epoch=self.plan.batches_per_epoch,
+            bucket_counts={(w * 8, h * 8): n for (h, w), n in latent_sizes.items()},
+            base_hashes=self._base_hashes(),
+            prediction_type=self.components.noise_scheduler.config.prediction_type,
+            tensors=tensors,
         )
-        save_lora_file(path, self._lora_tensors(), metadata, overwrite=overwrite)
+        save_lora_file(path, tensors, metadata, overwrite=overwrite)
 
     def save_checkpoint(self, step: int) -> None:
+        if step == self.last_checkpoint_step:
+            return  # already on disk (a stop right after a save, or a run resumed at its end)
         acc = self.accelerator
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -415,6 +460,7 @@ class Trainer:
             adapter = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
             if te is not None:
                 adapter |= {f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(te).items()}
+            self.events.emit("saving", step=step)
             folder = save_checkpoint(
                 self.cfg.run_dir,
                 step,
@@ -425,15 +471,29 @@ class Trainer:
                 write_lora=lambda p: self._write_lora(p, step, overwrite=True),
             )
             self.events.emit("checkpoint", step=step, path=str(folder), lora=str(folder / "lora.safetensors"))
+        self.last_checkpoint_step = step
         acc.wait_for_everyone()
 
     def sample(self, step: int) -> None:
+        """Validation pictures; a failure (out of memory, a dtype the pipeline cannot take) is a warning and
+        training goes on. A stop asked while sampling ends the sampling only: the step loop's shared stop check
+        then stops every process at the same point."""
         acc = self.accelerator
         acc.wait_for_everyone()
+        self.sampled_steps.add(step)
         if acc.is_main_process:
+            self.events.emit("sampling", step=step, prompts=len(self.cfg.sample.prompts))
             unet, _ = self._unwrapped()
-            for path in render_samples(self.cfg, self.family, self.components, unet, self.device, step):
-                self.events.emit("sample", step=step, path=str(path))
+            precision = weight_dtype(acc)
+            try:
+                for path in render_samples(self.cfg, self.family, self.components, unet, self.device, step,
+                                           precision, self.stop_requested):
+                    self.events.emit("sample", step=step, path=str(path))
+            except Exception as exc:  # noqa: BLE001 - any sampling failure must not cost the training
+                self.warn(f"the validation sample at step {step} failed and was skipped: {failure_text(exc)}")
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
         acc.wait_for_everyone()
 
     def save_final(self) -> Path:

@@ -25,12 +25,19 @@ def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def newest_checkpoint(run_dir: str | Path) -> Path | None:
+def checkpoint_step(folder: Path) -> int:
+    return int(folder.name[len(_PREFIX) :])
+
+
+def newest_checkpoint(run_dir: str | Path, at_most: int | None = None) -> Path | None:
+    """The complete checkpoint with the highest step (not above `at_most` when given), or None."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return None
     done = [p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / "state.json").is_file()]
-    return max(done, key=lambda p: int(p.name[len(_PREFIX) :]), default=None)
+    if at_most is not None:
+        done = [p for p in done if checkpoint_step(p) <= at_most]
+    return max(done, key=checkpoint_step, default=None)
 
 
 def optimizer_to_files(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -103,7 +110,7 @@ def _jsonable(value: Any) -> Any:
 
 def _prune(root: Path) -> None:
     done = sorted(
-        (p for p in root.iterdir() if p.name.startswith(_PREFIX)), key=lambda p: int(p.name[len(_PREFIX) :])
+        (p for p in root.iterdir() if p.name.startswith(_PREFIX)), key=checkpoint_step
     )
     for old in done[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)

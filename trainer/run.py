@@ -21,23 +21,9 @@ if __package__ in (None, ""):  # run as a script path: make the package importab
 
 from trainer.config import ConfigError, load_config  # noqa: E402
 from trainer.events import EventLog  # noqa: E402
+from trainer.stop import StopWatch, parent_pid_from_env  # noqa: E402
 
 EXIT_FAILED, EXIT_CONFIG = 1, 2
-
-
-class StopSignal:
-    """Remembers the first SIGTERM/SIGINT; the loop checks it between steps."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, _frame: object) -> None:
-        self.signum = self.signum or signum
-
-    def requested(self) -> bool:
-        return self.signum is not None
 
 
 def is_main_process() -> bool:
@@ -82,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from trainer.loop import Cancelled, Trainer
 
-    stop = StopSignal()
+    stop = StopWatch(cfg.run_dir, parent_pid_from_env())
     events = EventLog(Path(cfg.run_dir) / "events.jsonl", enabled=is_main_process())
     trainer = Trainer(cfg, events, stop.requested)
     began = time.time()
@@ -94,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     except Cancelled:
         if trainer.steps_done > trainer.start_step:
             trainer.save_checkpoint(trainer.steps_done)
-        events.emit("cancelled", step=trainer.steps_done, signal=stop.signum)
+        events.emit("cancelled", step=trainer.steps_done, signal=stop.signum, reason=stop.reason)
         return 128 + (stop.signum or signal.SIGTERM)
     except Exception as exc:
         message = failure_message(exc)

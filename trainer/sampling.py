@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,7 +19,11 @@ def render_samples(
     unet: torch.nn.Module,
     device: torch.device,
     step: int,
+    weight_dtype: torch.dtype = torch.float32,
+    stop_requested: Callable[[], bool] = lambda: False,
 ) -> list[Path]:
+    """Render every validation prompt; a stop asked meanwhile ends the sampling after the current denoising
+    step, keeping the pictures already drawn."""
     s = cfg.sample
     width, height = s.width or cfg.data.resolution, s.height or cfg.data.resolution
     out_dir = Path(cfg.run_dir) / "samples"
@@ -30,19 +35,34 @@ def render_samples(
     was_training = unet.training
     unet.train(False)
     paths = []
+    # The frozen weights are 16-bit and the LoRA weights fp32: only autocast makes every op (the VAE decode
+    # included) see one dtype. On the CPU autocast has bf16 only; fp16 never reaches here on the CPU.
+    mixed = weight_dtype != torch.float32
+
+    def check_stop(_pipe: object, _index: int, _timestep: object, kwargs: dict) -> dict:
+        if stop_requested():
+            raise _SamplingStopped()
+        return kwargs
+
     try:
         for index, prompt in enumerate(s.prompts):
+            if stop_requested():
+                break
             generator = torch.Generator("cpu").manual_seed(s.seed + index)
-            with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
-                image = pipe(
-                    prompt=prompt,
-                    negative_prompt=s.negative_prompt or None,
-                    num_inference_steps=s.steps,
-                    guidance_scale=s.guidance_scale,
-                    width=width,
-                    height=height,
-                    generator=generator,
-                ).images[0]
+            try:
+                with torch.no_grad(), torch.autocast(device.type, dtype=weight_dtype, enabled=mixed):
+                    image = pipe(
+                        prompt=prompt,
+                        negative_prompt=s.negative_prompt or None,
+                        num_inference_steps=s.steps,
+                        guidance_scale=s.guidance_scale,
+                        width=width,
+                        height=height,
+                        generator=generator,
+                        callback_on_step_end=check_stop,
+                    ).images[0]
+            except _SamplingStopped:
+                break
             info = PngInfo()
             info.add_text("prompt", prompt)
             info.add_text("negative_prompt", s.negative_prompt)
@@ -57,3 +77,7 @@ def render_samples(
             components.text_encoder.to("cpu")
         components.vae.to("cpu")
     return paths
+
+
+class _SamplingStopped(Exception):
+    """Raised from the pipeline's step callback to leave the denoising loop at once."""

@@ -17,10 +17,21 @@ PACK_ROOT = Path(__file__).absolute().parents[2]
 
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 UNET_FEED_FORWARD = ["ff.net.0.proj", "ff.net.2"]
-# every Linear and Conv2d of the UNet (peft matches a string target as a full-name regex)
-UNET_ALL = r".*(to_q|to_k|to_v|to_out\.0|ff\.net\.0\.proj|ff\.net\.2|proj_in|proj_out|conv1|conv2|conv_shortcut"
-UNET_ALL += r"|time_emb_proj|conv|conv_in|conv_out|linear_1|linear_2)$"
+# "all" is kohya's LoCon module set (networks/lora.py with conv_dim): every Linear and Conv2d inside the
+# Transformer2DModel, ResnetBlock2D, Downsample2D and Upsample2D blocks. Not conv_in, conv_out and
+# time_embedding.linear_1/2: they sit outside those blocks, and kohya sd-scripts and diffusers 0.32 drop them
+# when loading, so a file holding them would not mean the same thing in every loader.
+# peft matches a string target as a full-name regex.
+_UNET_BLOCK = r"(down_blocks\.\d+|mid_block|up_blocks\.\d+)\."
+_TRANSFORMER_LAYER = (
+    r"attentions\.\d+\.(proj_in|proj_out"
+    r"|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)))"
+)
+_RESNET_LAYER = r"resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)"
+_SAMPLER_LAYER = r"(downsamplers|upsamplers)\.\d+\.conv"
+UNET_ALL = f"{_UNET_BLOCK}({_TRANSFORMER_LAYER}|{_RESNET_LAYER}|{_SAMPLER_LAYER})"
 TEXT_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# with TEXT_ATTENTION: every Linear of CLIPAttention and CLIPMLP, kohya's text-encoder module set
 TEXT_MLP = ["fc1", "fc2"]
 TOKENS = 77  # CLIP's context; ComfyUI's tokenizer_config says model_max_length 8192 under transformers 5
 ENCODER_PREFIXES = ("first_stage_model.", "cond_stage_model.")  # VAE and text encoder in a single file
