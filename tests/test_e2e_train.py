@@ -97,9 +97,10 @@ def test_interrupt_stops_the_trainer_and_keeps_the_checkpoint(comfy_server) -> N
     asked = time.monotonic()
     comfy_server.interrupt()
     entry = comfy_server.wait(prompt_id, timeout=60, check=False)
-    left = comfy_server.wait_no_children(timeout=5)
+    left = comfy_server.wait_no_children(timeout=30)
     assert not left, f"trainer processes left {time.monotonic() - asked:.1f} s after the interrupt: {left}"
-    assert time.monotonic() - asked < 5 + 1
+    # the trainer finishes its step and saves a checkpoint before it exits: seconds, well inside the grace
+    assert time.monotonic() - asked < 30
     kinds = [kind for kind, _ in entry["status"]["messages"]]
     assert "execution_interrupted" in kinds
     assert all(p.exists() for p in checkpoints[:1]) or any(
