@@ -184,7 +184,6 @@ def dataset_value(items: list[Item], name: str, settings: dict, warnings: list[s
         "name": name,
         "count": len(items),
         "settings": settings,
-        "fingerprint": fingerprint(key, [Path(i.image).stat().st_mtime_ns for i in items]),
         # the run identity's data part: picture bytes and captions, not where they are (see content_key)
         "content": dataset_content(items, settings, paths.datasets_dir() / DIGEST_INDEX),
         "warnings": warnings,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..trainer.events import EventReader
+from ..trainer.events import EventReader, file_size
 from ..trainer.stop import PARENT_PID_ENV, clear_stop, request_stop
 from . import processes
 
@@ -106,13 +106,6 @@ class Seen:
             return f"{at}; no checkpoint was saved: queue again to train from the start"
         path = f" ({self.checkpoint_path})" if self.checkpoint_path else ""
         return f"{at}; checkpoint step {self.checkpoint_step} is kept{path}: queue again to resume"
-
-
-def file_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
 
 
 def child_env(cuda_visible_devices: str | None) -> dict[str, str]:

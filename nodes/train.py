@@ -139,11 +139,9 @@ class Progress:
         self.node_id = node_id
         self.server = PromptServer.instance
         self.bar = comfy.utils.ProgressBar(1, node_id=node_id)
-        self.record = RunRecord()
         self.step_line: str | None = None  # kept on the node under what happens between and after steps
 
     def __call__(self, event: dict) -> None:
-        self.record.add(event)
         kind = event["type"]
         if kind == "start":
             self.bar.update_absolute(event["start_step"], event["total_steps"])

@@ -41,7 +41,7 @@ class EventReader:
     def __init__(self, path: str | Path, from_end: bool = False):
         """`from_end`: skip what the file holds now (earlier attempts of a run), and read only what follows."""
         self.path = Path(path)
-        self._offset = _size(self.path) if from_end else 0
+        self._offset = file_size(self.path) if from_end else 0
         self._partial = b""
 
     def read_new(self) -> list[dict[str, Any]]:
@@ -66,7 +66,8 @@ class EventReader:
         return events + [event] if event is not None else events
 
 
-def _size(path: Path) -> int:
+def file_size(path: Path) -> int:
+    """Bytes in the file now; 0 when it does not exist yet."""
     try:
         return path.stat().st_size
     except FileNotFoundError:
