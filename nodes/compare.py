@@ -24,17 +24,52 @@ class LoraFoundryCompareGrid(io.ComfyNode):
             category="LoRA Foundry",
             description="One labelled grid from up to four image batches (every picture of each batch).",
             inputs=[
-                io.Image.Input("image_a", tooltip="First pictures (e.g. LoRA strength 0)"),
-                io.Image.Input("image_b", optional=True, tooltip="Second pictures (e.g. LoRA strength 1)"),
-                io.Image.Input("image_c", optional=True, tooltip="Third pictures"),
-                io.Image.Input("image_d", optional=True, tooltip="Fourth pictures"),
-                io.String.Input("labels", default="strength 0.0\nstrength 1.0", multiline=True,
-                                tooltip="One label per input, one per line, in order a, b, c, d"),
-                io.String.Input("title", default="", tooltip="Optional title above the grid"),
-                io.Int.Input("cell", default=384, min=64, max=2048, step=16, tooltip="Size of each cell, pixels"),
-                io.Int.Input("step", optional=True, force_input=True, min=0,
-                             tooltip="Training step of the LoRA (link the Train node's steps output): the title "
-                             "then ends with 'step N'"),
+                io.Image.Input(
+                    "image_a",
+                    tooltip="First pictures (e.g. LoRA strength 0)",
+                ),
+                io.Image.Input(
+                    "image_b",
+                    optional=True,
+                    tooltip="Second pictures (e.g. LoRA strength 1)",
+                ),
+                io.Image.Input(
+                    "image_c",
+                    optional=True,
+                    tooltip="Third pictures",
+                ),
+                io.Image.Input(
+                    "image_d",
+                    optional=True,
+                    tooltip="Fourth pictures",
+                ),
+                io.String.Input(
+                    "labels",
+                    default="strength 0.0\nstrength 1.0",
+                    multiline=True,
+                    tooltip="One label per input, one per line, in order a, b, c, d",
+                ),
+                io.String.Input(
+                    "title",
+                    default="",
+                    tooltip="Optional title above the grid",
+                ),
+                io.Int.Input(
+                    "cell",
+                    default=384,
+                    min=64,
+                    max=2048,
+                    step=16,
+                    tooltip="Size of each cell, pixels",
+                ),
+                io.Int.Input(
+                    "step",
+                    optional=True,
+                    force_input=True,
+                    min=0,
+                    tooltip="Training step of the LoRA (link the Train node's steps output): the title then ends "
+                    "with 'step N'",
+                ),
             ],
             outputs=[io.Image.Output(display_name="grid")],
         )

@@ -14,6 +14,7 @@ from comfy_api.latest import io
 from ..trainer.cache import fingerprint, sha256_file
 from ..trainer.data import DataError, Item, check_images, open_image, scan_folder, write_manifest
 from . import paths
+from .api_features import advanced
 from .hub import export_cached_dataset
 from .images import labelled_grid, to_image_batch, to_pil
 
@@ -202,14 +203,24 @@ class LoraFoundryDataset(io.ComfyNode):
             # picture) must reach this node whole, in one run, not one run per picture
             is_input_list=True,
             inputs=[
-                io.Combo.Input("source", options=SOURCES, default="folder",
-                               tooltip="folder: a subfolder of ComfyUI's input folder; hub_cache: a datasets id "
-                               "already in the local Hugging Face cache; images: the IMAGE input with captions"),
-                io.Combo.Input("folder", options=paths.dataset_folders() or [""],
-                               tooltip="Subfolder of ComfyUI's input folder with images and same-name .txt captions "
-                               "or a metadata.jsonl / metadata.csv"),
-                io.String.Input("hub_dataset", default="", tooltip="Dataset id (owner/name), read from the local "
-                                "cache only; nothing is downloaded"),
+                io.Combo.Input(
+                    "source",
+                    options=SOURCES,
+                    default="folder",
+                    tooltip="folder: a subfolder of ComfyUI's input folder; hub_cache: a datasets id already in the "
+                    "local Hugging Face cache; images: the IMAGE input with captions",
+                ),
+                io.Combo.Input(
+                    "folder",
+                    options=paths.dataset_folders() or [""],
+                    tooltip="Subfolder of ComfyUI's input folder with images and same-name .txt captions or a "
+                    "metadata.jsonl / metadata.csv",
+                ),
+                io.String.Input(
+                    "hub_dataset",
+                    default="",
+                    tooltip="Dataset id (owner/name), read from the local cache only; nothing is downloaded",
+                ),
                 io.String.Input(
                     "captions",
                     default="",
@@ -225,13 +236,37 @@ class LoraFoundryDataset(io.ComfyNode):
                     step=8,
                     tooltip="Training resolution: side of the square bucket, in pixels (512 is SD 1.5's own)",
                 ),
-                io.Combo.Input("crop", options=["center", "random"], default="center",
-                               tooltip="Where to crop when the picture does not fit its bucket"),
-                io.Boolean.Input("random_flip", default=True, tooltip="Flip half of the samples left-right"),
-                io.Boolean.Input("bucketing", default=True,
-                                 tooltip="Train each picture at its own aspect ratio (buckets of equal area)"),
-                io.Int.Input("top_rows", default=0, min=0, max=1_000_000, tooltip="Use only the first N (0: all)"),
-                io.Int.Input("repeats", default=1, min=1, max=1000, tooltip="Times each picture appears per epoch"),
+                io.Combo.Input(
+                    "crop",
+                    options=["center", "random"],
+                    default="center",
+                    tooltip="Where to crop when the picture does not fit its bucket",
+                ),
+                io.Boolean.Input(
+                    "random_flip",
+                    default=True,
+                    tooltip="Flip half of the samples left-right",
+                ),
+                io.Boolean.Input(
+                    "bucketing",
+                    default=True,
+                    tooltip="Train each picture at its own aspect ratio (buckets of equal area)",
+                ),
+                io.Int.Input(
+                    "top_rows",
+                    default=0,
+                    min=0,
+                    max=1_000_000,
+                    tooltip="Use only the first N (0: all)",
+                    **advanced(),
+                ),
+                io.Int.Input(
+                    "repeats",
+                    default=1,
+                    min=1,
+                    max=1000,
+                    tooltip="Times each picture appears per epoch",
+                ),
                 io.Image.Input(
                     "images",
                     optional=True,

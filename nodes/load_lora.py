@@ -42,18 +42,46 @@ class LoraFoundryLoadLora(io.ComfyNode):
             category="LoRA Foundry",
             description="Apply a LoRA to a model and its CLIP at a strength; errors if it would not apply.",
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model to patch"),
-                io.Clip.Input("clip", tooltip="The text encoder to patch (text-encoder LoRAs)"),
-                io.Combo.Input("lora_name", options=[NO_LORA] + folder_paths.get_filename_list("loras"),
-                               tooltip="A LoRA from models/loras (ignored when trained_lora is connected)"),
-                io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.05,
-                               tooltip="How strongly the LoRA changes the diffusion model (0: not at all)"),
-                io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.05,
-                               tooltip="How strongly the LoRA changes the text encoder"),
-                io.String.Input("trained_lora", optional=True, force_input=True,
-                                tooltip="Connect the Train node's lora_name here to use the LoRA it just made"),
+                io.Model.Input(
+                    "model",
+                    tooltip="The diffusion model to patch",
+                ),
+                io.Clip.Input(
+                    "clip",
+                    tooltip="The text encoder to patch (text-encoder LoRAs)",
+                ),
+                io.Combo.Input(
+                    "lora_name",
+                    options=[NO_LORA] + folder_paths.get_filename_list("loras"),
+                    tooltip="A LoRA from models/loras (ignored when trained_lora is connected)",
+                ),
+                io.Float.Input(
+                    "strength_model",
+                    default=1.0,
+                    min=-10.0,
+                    max=10.0,
+                    step=0.05,
+                    tooltip="How strongly the LoRA changes the diffusion model (0: not at all)",
+                ),
+                io.Float.Input(
+                    "strength_clip",
+                    default=1.0,
+                    min=-10.0,
+                    max=10.0,
+                    step=0.05,
+                    tooltip="How strongly the LoRA changes the text encoder",
+                ),
+                io.String.Input(
+                    "trained_lora",
+                    optional=True,
+                    force_input=True,
+                    tooltip="Connect the Train node's lora_name here to use the LoRA it just made",
+                ),
             ],
-            outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip")],
+            outputs=[
+                io.Model.Output(display_name="model"),
+                io.Clip.Output(display_name="clip"),
+            ],
         )
 
     @classmethod

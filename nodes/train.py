@@ -18,6 +18,7 @@ from ..trainer.config import ConfigError, Device, LrScheduler, MixedPrecision, O
 from ..trainer.events import read_events
 from ..trainer.identity import run_identity
 from . import paths
+from .api_features import advanced, search_aliases
 from .dataset import Dataset
 from .images import loss_curve, to_image_batch
 from .launch import TrainerProcess, follow, launch_argv, parse_gpu_ids
@@ -180,6 +181,74 @@ def outputs(cfg: RunConfig, lora: Path, record: RunRecord, title: str) -> io.Nod
                          sample_images(record.samples, cfg.data.resolution), steps, ui=ui)
 
 
+def prompt_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def build_config(base_model: str, dataset: dict, lora_config: dict, output_name: str, overwrite: bool,
+                 train: dict, sample: dict) -> RunConfig:
+    """The validated run config, its identity and its run folder (named after the output and the identity)."""
+    stem = paths.safe_output_name(output_name)
+    raw = {
+        "run_dir": "pending",
+        "model": {"path": str(paths.resolve_base_model(base_model)),
+                  "tokenizer_dir": str(paths.comfy_tokenizer_dir())},
+        "data": {"manifest": dataset["manifest"], **dataset["settings"]},
+        "lora": dict(lora_config),
+        "train": {**train, "cache_dir": str(paths.cache_dir())},
+        "sample": sample,
+        "output": {"lora_path": str(paths.lora_file(stem)), "overwrite": overwrite, "name": stem},
+    }
+    try:
+        cfg = parse_config(raw)
+    except ConfigError as error:
+        raise ValueError(str(error)) from None
+    cfg.output.run_id = run_identity(cfg, dataset["content"])
+    cfg.run_dir = str(paths.runs_dir() / f"{stem}-{cfg.output.run_id[:12]}")
+    return cfg
+
+
+def write_run_folder(cfg: RunConfig, accelerate_config: Path | None) -> tuple[Path, Path | None]:
+    """RUN_DIR/config.json, and a copy of the accelerate config there (argv names only paths the pack made)."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.json"
+    config_path.write_text(cfg.to_json() + "\n", encoding="utf-8")
+    if accelerate_config is None:
+        return config_path, None
+    copy = run_dir / "accelerate.yaml"
+    copy.write_bytes(accelerate_config.read_bytes())
+    return config_path, copy
+
+
+def run_training(cfg: RunConfig, num_processes: int, gpu_ids: str, accelerate_config: str,
+          node_id: str | None) -> io.NodeOutput:
+    """Train (or continue, or reuse) the run of `cfg` and return the node's outputs."""
+    visible_gpus = parse_gpu_ids(gpu_ids)
+    chosen_config = None
+    if accelerate_config != NO_ACCELERATE_CONFIG:
+        chosen_config = paths.resolve_accelerate_config(accelerate_config)
+    lora, run_dir = Path(cfg.output.lora_path), Path(cfg.run_dir)
+    title = f"{lora.name} · {Path(cfg.model.path).name}"
+    existing = existing_lora(lora, cfg)
+    if existing is Existing.DONE:
+        return outputs(cfg, lora, read_record(run_dir / "events.jsonl"), title)
+    if existing is Existing.OURS:
+        cfg.output.overwrite = True  # our own file, continued or re-sampled by the same run
+    elif existing is Existing.FOREIGN and not cfg.output.overwrite:
+        raise ValueError(f"{lora} exists and was not made by this graph; turn on overwrite or change "
+                         "output_name")
+    config_path, accelerate_copy = write_run_folder(cfg, chosen_config)
+
+    comfy.model_management.unload_all_models()
+    comfy.model_management.soft_empty_cache()
+    process = TrainerProcess(launch_argv(config_path, num_processes, accelerate_copy), run_dir, visible_gpus)
+    finished = follow(process, Progress(node_id), comfy.model_management.processing_interrupted)
+    if not finished:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+    return outputs(cfg, lora, read_record(run_dir / "events.jsonl"), title)
+
+
 class LoraFoundryTrain(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -188,61 +257,198 @@ class LoraFoundryTrain(io.ComfyNode):
             display_name="LoRA Foundry Train",
             category="LoRA Foundry",
             description="Train a LoRA in a separate accelerate-launched process; cancel keeps the last checkpoint.",
+            **search_aliases("train lora", "lora trainer", "dreambooth"),
             is_output_node=True,
             inputs=[
-                io.Combo.Input("base_model", options=paths.base_models() or [""],
-                               tooltip="An SD 1.5 checkpoint from models/checkpoints, or a diffusers folder "
-                               "from models/diffusers"),
-                Dataset.Input("dataset", tooltip="From the LoRA Foundry Dataset node"),
-                LoraConfigType.Input("lora_config", tooltip="From the LoRA Foundry LoRA Config node"),
-                io.String.Input("output_name", default="my-lora",
-                                tooltip="File name of the LoRA in models/loras (without .safetensors)"),
-                io.Boolean.Input("overwrite", default=False,
-                                 tooltip="Replace an existing LoRA of that name (off: an existing file is an error)"),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=False,
-                               tooltip="AdamW learning rate"),
-                io.Int.Input("batch_size", default=1, min=1, max=256, tooltip="Images per step on each process"),
-                io.Int.Input("gradient_accumulation_steps", default=1, min=1, max=256,
-                             tooltip="Batches whose gradients add up to one optimizer step"),
-                io.Int.Input("epochs", default=200, min=0, max=100_000,
-                             tooltip="Passes over the dataset (ignored when max_steps is set)"),
-                io.Int.Input("max_steps", default=0, min=0, max=10_000_000,
-                             tooltip="Optimizer steps to train (0: epochs decide)"),
-                io.Combo.Input("lr_scheduler", options=list(typing.get_args(LrScheduler)), default="constant",
-                               tooltip="Learning-rate schedule (diffusers get_scheduler)"),
-                io.Int.Input("lr_warmup_steps", default=0, min=0, max=1_000_000, tooltip="Steps of linear warmup"),
-                io.Combo.Input("optimizer", options=list(typing.get_args(Optimizer)), default="adamw",
-                               tooltip="adamw8bit needs a CUDA GPU and bitsandbytes"),
-                io.Float.Input("max_grad_norm", default=1.0, min=0.0, max=100.0, step=0.1,
-                               tooltip="Clip gradients to this norm (0: no clipping)"),
-                io.Combo.Input("mixed_precision", options=list(typing.get_args(MixedPrecision)), default="auto",
-                               tooltip="Precision of the frozen model; LoRA weights stay fp32. auto: bf16 on a GPU "
-                               "that has it, else fp16 on CUDA, fp32 on the CPU and on Apple silicon"),
-                io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Less GPU memory for about 20-30% more time per step"),
-                io.Float.Input("min_snr_gamma", default=0.0, min=0.0, max=20.0, step=0.5,
-                               tooltip="Min-SNR loss weighting (0: off; 5 is common)"),
-                io.Float.Input("noise_offset", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Offset noise for darker darks / brighter brights (0: off)"),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
-                             tooltip="Seed of everything random in training (part of the run's identity: "
-                             "a changed seed trains anew)"),
-                io.Int.Input("save_every_steps", default=0, min=0, max=1_000_000,
-                             tooltip="Checkpoint every N steps (0: only at the end or on cancel)"),
-                io.String.Input("validation_prompts", default="", multiline=True,
-                                tooltip="One prompt per line, drawn with the LoRA during training (empty: none)"),
-                io.String.Input("negative_prompt", default="", tooltip="Negative prompt of the validation samples"),
-                io.Int.Input("sample_every_steps", default=0, min=0, max=1_000_000,
-                             tooltip="Draw the validation prompts every N steps (0: once, at the end)"),
-                io.Int.Input("sample_steps", default=20, min=1, max=200, tooltip="Sampling steps per validation image"),
-                io.Combo.Input("device", options=list(typing.get_args(Device)), default="auto",
-                               tooltip="auto: a CUDA GPU, then Apple silicon (mps), then the CPU"),
-                io.Int.Input("num_processes", default=1, min=1, max=64,
-                             tooltip="Training processes (one per GPU); the batch is per process"),
-                io.String.Input("gpu_ids", default="", tooltip="Which GPUs, e.g. 0,1 (empty: all visible)"),
-                io.Combo.Input("accelerate_config", options=[NO_ACCELERATE_CONFIG] + paths.user_accelerate_configs(),
-                               tooltip="An accelerate config file from ComfyUI's user folder, "
-                               "lora-foundry/accelerate/ (several machines)"),
+                io.Combo.Input(
+                    "base_model",
+                    options=paths.base_models() or [""],
+                    tooltip="An SD 1.5 checkpoint from models/checkpoints, or a diffusers folder from models/diffusers",
+                ),
+                Dataset.Input(
+                    "dataset",
+                    tooltip="From the LoRA Foundry Dataset node",
+                ),
+                LoraConfigType.Input(
+                    "lora_config",
+                    tooltip="From the LoRA Foundry LoRA Config node",
+                ),
+                io.String.Input(
+                    "output_name",
+                    default="my-lora",
+                    tooltip="File name of the LoRA in models/loras (without .safetensors)",
+                ),
+                io.Boolean.Input(
+                    "overwrite",
+                    default=False,
+                    tooltip="Replace an existing LoRA of that name (off: an existing file is an error)",
+                ),
+                io.Float.Input(
+                    "learning_rate",
+                    default=1e-4,
+                    min=1e-7,
+                    max=1.0,
+                    step=1e-5,
+                    round=False,
+                    tooltip="AdamW learning rate",
+                ),
+                io.Int.Input(
+                    "batch_size",
+                    default=1,
+                    min=1,
+                    max=256,
+                    tooltip="Images per step on each process",
+                ),
+                io.Int.Input(
+                    "gradient_accumulation_steps",
+                    default=1,
+                    min=1,
+                    max=256,
+                    tooltip="Batches whose gradients add up to one optimizer step",
+                ),
+                io.Int.Input(
+                    "epochs",
+                    default=200,
+                    min=0,
+                    max=100_000,
+                    tooltip="Passes over the dataset (ignored when max_steps is set)",
+                ),
+                io.Int.Input(
+                    "max_steps",
+                    default=0,
+                    min=0,
+                    max=10_000_000,
+                    tooltip="Optimizer steps to train (0: epochs decide)",
+                ),
+                io.Combo.Input(
+                    "lr_scheduler",
+                    options=list(typing.get_args(LrScheduler)),
+                    default="constant",
+                    tooltip="Learning-rate schedule (diffusers get_scheduler)",
+                ),
+                io.Int.Input(
+                    "lr_warmup_steps",
+                    default=0,
+                    min=0,
+                    max=1_000_000,
+                    tooltip="Steps of linear warmup",
+                    **advanced(),
+                ),
+                io.Combo.Input(
+                    "optimizer",
+                    options=list(typing.get_args(Optimizer)),
+                    default="adamw",
+                    tooltip="adamw8bit needs a CUDA GPU and bitsandbytes",
+                ),
+                io.Float.Input(
+                    "max_grad_norm",
+                    default=1.0,
+                    min=0.0,
+                    max=100.0,
+                    step=0.1,
+                    tooltip="Clip gradients to this norm (0: no clipping)",
+                ),
+                io.Combo.Input(
+                    "mixed_precision",
+                    options=list(typing.get_args(MixedPrecision)),
+                    default="auto",
+                    tooltip="Precision of the frozen model; LoRA weights stay fp32. auto: bf16 on a GPU that has "
+                    "it, else fp16 on CUDA, fp32 on the CPU and on Apple silicon",
+                ),
+                io.Boolean.Input(
+                    "gradient_checkpointing",
+                    default=True,
+                    tooltip="Less GPU memory for about 20-30% more time per step",
+                ),
+                io.Float.Input(
+                    "min_snr_gamma",
+                    default=0.0,
+                    min=0.0,
+                    max=20.0,
+                    step=0.5,
+                    tooltip="Min-SNR loss weighting (0: off; 5 is common)",
+                    **advanced(),
+                ),
+                io.Float.Input(
+                    "noise_offset",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Offset noise for darker darks / brighter brights (0: off)",
+                    **advanced(),
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=2**31 - 1,
+                    control_after_generate=False,
+                    tooltip="Seed of everything random in training (part of the run's identity: a changed seed "
+                    "trains anew)",
+                    **advanced(),
+                ),
+                io.Int.Input(
+                    "save_every_steps",
+                    default=0,
+                    min=0,
+                    max=1_000_000,
+                    tooltip="Checkpoint every N steps (0: only at the end or on cancel)",
+                ),
+                io.String.Input(
+                    "validation_prompts",
+                    default="",
+                    multiline=True,
+                    tooltip="One prompt per line, drawn with the LoRA during training (empty: none)",
+                ),
+                io.String.Input(
+                    "negative_prompt",
+                    default="",
+                    tooltip="Negative prompt of the validation samples",
+                ),
+                io.Int.Input(
+                    "sample_every_steps",
+                    default=0,
+                    min=0,
+                    max=1_000_000,
+                    tooltip="Draw the validation prompts every N steps (0: once, at the end)",
+                ),
+                io.Int.Input(
+                    "sample_steps",
+                    default=20,
+                    min=1,
+                    max=200,
+                    tooltip="Sampling steps per validation image",
+                    **advanced(),
+                ),
+                io.Combo.Input(
+                    "device",
+                    options=list(typing.get_args(Device)),
+                    default="auto",
+                    tooltip="auto: a CUDA GPU, then Apple silicon (mps), then the CPU",
+                    **advanced(),
+                ),
+                io.Int.Input(
+                    "num_processes",
+                    default=1,
+                    min=1,
+                    max=64,
+                    tooltip="Training processes (one per GPU); the batch is per process",
+                    **advanced(),
+                ),
+                io.String.Input(
+                    "gpu_ids",
+                    default="",
+                    tooltip="Which GPUs, e.g. 0,1 (empty: all visible)",
+                    **advanced(),
+                ),
+                io.Combo.Input(
+                    "accelerate_config",
+                    options=[NO_ACCELERATE_CONFIG] + paths.user_accelerate_configs(),
+                    tooltip="An accelerate config file from ComfyUI's user folder, lora-foundry/accelerate/ "
+                    "(several machines)",
+                    **advanced(),
+                ),
             ],
             outputs=[
                 io.String.Output(display_name="lora_name"),
@@ -255,63 +461,61 @@ class LoraFoundryTrain(io.ComfyNode):
         )
 
     @classmethod
-    def build_config(cls, kw: dict) -> RunConfig:
-        stem = paths.safe_output_name(kw["output_name"])
-        dataset, lora = kw["dataset"], kw["lora_config"]
-        prompts = [line.strip() for line in kw["validation_prompts"].splitlines() if line.strip()]
-        raw = {
-            "run_dir": "",
-            "model": {"path": str(paths.resolve_base_model(kw["base_model"])),
-                      "tokenizer_dir": str(paths.comfy_tokenizer_dir())},
-            "data": {"manifest": dataset["manifest"], **dataset["settings"]},
-            "lora": dict(lora),
-            "train": {name: kw[name] for name in (
-                "learning_rate", "batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "lr_scheduler",
-                "lr_warmup_steps", "optimizer", "max_grad_norm", "mixed_precision", "gradient_checkpointing",
-                "min_snr_gamma", "noise_offset", "seed", "save_every_steps", "device")}
-            | {"cache_dir": str(paths.cache_dir())},
-            "sample": {"prompts": prompts, "negative_prompt": kw["negative_prompt"],
-                       "every_steps": kw["sample_every_steps"], "steps": kw["sample_steps"], "seed": kw["seed"]},
-            "output": {"lora_path": str(paths.lora_file(stem)), "overwrite": kw["overwrite"], "name": stem},
+    def execute(
+        cls,
+        base_model: str,
+        dataset: dict,
+        lora_config: dict,
+        output_name: str,
+        overwrite: bool,
+        learning_rate: float,
+        batch_size: int,
+        gradient_accumulation_steps: int,
+        epochs: int,
+        max_steps: int,
+        lr_scheduler: str,
+        lr_warmup_steps: int,
+        optimizer: str,
+        max_grad_norm: float,
+        mixed_precision: str,
+        gradient_checkpointing: bool,
+        min_snr_gamma: float,
+        noise_offset: float,
+        seed: int,
+        save_every_steps: int,
+        validation_prompts: str,
+        negative_prompt: str,
+        sample_every_steps: int,
+        sample_steps: int,
+        device: str,
+        num_processes: int,
+        gpu_ids: str,
+        accelerate_config: str,
+    ) -> io.NodeOutput:
+        training = {
+            "learning_rate": learning_rate,
+            "batch_size": batch_size,
+            "gradient_accumulation_steps": gradient_accumulation_steps,
+            "epochs": epochs,
+            "max_steps": max_steps,
+            "lr_scheduler": lr_scheduler,
+            "lr_warmup_steps": lr_warmup_steps,
+            "optimizer": optimizer,
+            "max_grad_norm": max_grad_norm,
+            "mixed_precision": mixed_precision,
+            "gradient_checkpointing": gradient_checkpointing,
+            "min_snr_gamma": min_snr_gamma,
+            "noise_offset": noise_offset,
+            "seed": seed,
+            "save_every_steps": save_every_steps,
+            "device": device,
         }
-        raw["run_dir"] = "pending"
-        try:
-            cfg = parse_config(raw)
-        except ConfigError as error:
-            raise ValueError(str(error)) from None
-        cfg.output.run_id = run_identity(cfg, dataset["content"])
-        cfg.run_dir = str(paths.runs_dir() / f"{stem}-{cfg.output.run_id[:12]}")
-        return cfg
-
-    @classmethod
-    def execute(cls, **kw) -> io.NodeOutput:
-        cfg = cls.build_config(kw)
-        gpu_ids = parse_gpu_ids(kw["gpu_ids"])
-        accelerate_config = None
-        if kw["accelerate_config"] != NO_ACCELERATE_CONFIG:
-            accelerate_config = paths.resolve_accelerate_config(kw["accelerate_config"])
-        lora, run_dir = Path(cfg.output.lora_path), Path(cfg.run_dir)
-        title = f"{lora.name} · {Path(cfg.model.path).name}"
-        existing = existing_lora(lora, cfg)
-        if existing is Existing.DONE:
-            return outputs(cfg, lora, read_record(run_dir / "events.jsonl"), title)
-        if existing is Existing.OURS:
-            cfg.output.overwrite = True  # our own file, continued or re-sampled by the same run
-        elif existing is Existing.FOREIGN and not cfg.output.overwrite:
-            raise ValueError(f"{lora} exists and was not made by this graph; turn on overwrite or change "
-                             "output_name")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config_path = run_dir / "config.json"
-        config_path.write_text(cfg.to_json() + "\n", encoding="utf-8")
-        if accelerate_config is not None:  # a copy in the run folder: argv names only paths the pack made
-            (run_dir / "accelerate.yaml").write_bytes(accelerate_config.read_bytes())
-            accelerate_config = run_dir / "accelerate.yaml"
-
-        comfy.model_management.unload_all_models()
-        comfy.model_management.soft_empty_cache()
-        progress = Progress(cls.hidden.unique_id)
-        process = TrainerProcess(launch_argv(config_path, kw["num_processes"], accelerate_config), run_dir, gpu_ids)
-        finished = follow(process, progress, comfy.model_management.processing_interrupted)
-        if not finished:
-            comfy.model_management.throw_exception_if_processing_interrupted()
-        return outputs(cfg, lora, read_record(run_dir / "events.jsonl"), title)
+        sampling = {
+            "prompts": prompt_lines(validation_prompts),
+            "negative_prompt": negative_prompt,
+            "every_steps": sample_every_steps,
+            "steps": sample_steps,
+            "seed": seed,
+        }
+        cfg = build_config(base_model, dataset, lora_config, output_name, overwrite, training, sampling)
+        return run_training(cfg, num_processes, gpu_ids, accelerate_config, cls.hidden.unique_id)

@@ -1,20 +1,71 @@
 #!/usr/bin/env bash
-# Sets up everything (scripts/setup.sh) and runs the whole test suite, offline, on the CPU.
-# Arguments go to pytest and choose what runs, e.g.  bash scripts/test.sh tests/test_config.py
-#                                                    bash scripts/test.sh -m "not slow" -k resume
+# Sets up everything (scripts/setup.sh) and runs the test suite, offline, on the CPU.
+#   bash scripts/test.sh                          the whole suite on ComfyUI 0.3.75, then the server-side tests on
+#                                                 ComfyUI 0.33.0 (from ../shared/vendor/; skipped, with the reason,
+#                                                 when that archive is not there)
+#   bash scripts/test.sh tests/test_config.py     only what is named (pytest arguments), on 0.3.75
+#   bash scripts/test.sh -m "not slow" -k resume  options alone narrow the whole suite
+#   bash scripts/test.sh --comfyui 0.33.0 [ARGS]  the suite (or what ARGS name) against one chosen ComfyUI: a version
+#                                                 (0.3.75, or one whose archive is in ../shared/vendor/) or a folder
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+
+DEFAULT_VERSION="0.3.75"
+SECOND_VERSION="0.33.0"
+# what runs again on the second ComfyUI: every test that talks to a server, the browser's slow runs left out
+SERVER_SIDE="comfy_server and not (browser and slow)"
+
+chosen=""
+if [ "${1:-}" = "--comfyui" ]; then
+  chosen="${2:?--comfyui needs a version or a ComfyUI folder}"
+  shift 2
+fi
+if [ -n "$chosen" ] && [ "$chosen" != "$DEFAULT_VERSION" ] && [ -d "$chosen" ]; then
+  export COMFYUI_DIR="$(cd "$chosen" && pwd)"   # setup.sh installs that ComfyUI's requirements into .venv
+fi
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 .venv/bin/ruff check .
+
 # the whole suite unless a test file, folder or node id is named (options like -k/-m alone narrow the suite)
-named_path=0
-for arg in "$@"; do
-  case "$arg" in
-    -*) ;;
-    *) if [ -e "${arg%%::*}" ]; then named_path=1; fi ;;
-  esac
-done
-if [ "$named_path" = 0 ]; then set -- tests "$@"; fi
-.venv/bin/python -m pytest -q "$@"
+with_default_paths() {
+  local arg
+  for arg in "$@"; do
+    case "$arg" in
+      -*) ;;
+      *) if [ -e "${arg%%::*}" ]; then printf '%s\0' "$@"; return; fi ;;
+    esac
+  done
+  printf '%s\0' tests "$@"
+}
+
+# run_on WHICH ARGS...: pytest with the python and ComfyUI folder of WHICH (the default version, a ComfyUI folder
+# whose requirements setup.sh put into .venv, or a version unpacked from ../shared/vendor/)
+run_on() {
+  local which="$1" python=.venv/bin/python
+  shift
+  mapfile -d '' -t args < <(with_default_paths "$@")
+  if [ "$which" != "$DEFAULT_VERSION" ] && [ ! -d "$which" ]; then
+    python="$(bash scripts/setup_comfyui.sh "$which" | tail -n 1)"
+    export COMFYUI_DIR="$ROOT/.runtime/ComfyUI-$which"
+  fi
+  echo "[test] ComfyUI ${COMFYUI_DIR:-$ROOT/.runtime/ComfyUI}: pytest ${args[*]}"
+  "$python" -m pytest -q "${args[@]}"
+}
+
+if [ -n "$chosen" ]; then
+  run_on "$chosen" "$@"
+  exit
+fi
+run_on "$DEFAULT_VERSION" "$@"
+if [ "$#" -gt 0 ]; then
+  exit  # what was named ran on the default ComfyUI
+fi
+if [ -f "${LORA_FOUNDRY_VENDOR:-$ROOT/../shared/vendor}/comfyui-$SECOND_VERSION.tar.gz" ]; then
+  run_on "$SECOND_VERSION" -m "$SERVER_SIDE"
+else
+  # the same tests, each skipped with the reason (tests/conftest.py reads it)
+  export LORA_FOUNDRY_COMFYUI_ABSENT="ComfyUI $SECOND_VERSION: its source archive comfyui-$SECOND_VERSION.tar.gz is not in ${LORA_FOUNDRY_VENDOR:-../shared/vendor}"
+  .venv/bin/python -m pytest -q tests -m "$SERVER_SIDE"
+fi

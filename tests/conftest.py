@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,33 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def comfyui_dir() -> Path:
     return Path(os.environ.get("COMFYUI_DIR") or ROOT / ".runtime" / "ComfyUI")
+
+
+def comfyui_version() -> tuple[int, ...]:
+    """The version of the ComfyUI the suite runs against (its comfyui_version.py), e.g. (0, 33, 0)."""
+    text = (comfyui_dir() / "comfyui_version.py").read_text(encoding="utf-8")
+    match = re.search(r'__version__\s*=\s*"([0-9.]+)"', text)
+    if match is None:
+        raise RuntimeError(f"no __version__ in {comfyui_dir() / 'comfyui_version.py'}")
+    return tuple(int(part) for part in match.group(1).split("."))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    absent = os.environ.get("LORA_FOUNDRY_COMFYUI_ABSENT")
+    if absent:
+        return f"server-side tests skip: {absent}"
+    try:
+        version = ".".join(map(str, comfyui_version()))
+    except (OSError, RuntimeError) as error:
+        version = f"unknown ({error})"
+    return f"ComfyUI {version} at {comfyui_dir()}, python {sys.executable}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test that starts the session's server carries the comfy_server marker (what `-m` selects by)."""
+    for item in items:
+        if "comfy_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.comfy_server)
 
 
 @pytest.fixture(scope="session")
@@ -177,6 +205,9 @@ def comfy_server(tmp_path_factory: pytest.TempPathFactory, comfy_dir: Path):
     .child_processes(); paths: .base_dir, .loras_dir, .output_dir, .input_dir, .dataset_dir (the sample set,
     'lora-foundry-sample'), .checkpoints_dir, .log_path; .checkpoint_name is the random SD1.5 checkpoint's name.
     """
+    absent = os.environ.get("LORA_FOUNDRY_COMFYUI_ABSENT")
+    if absent:
+        pytest.skip(absent)
     from scripts.comfy_server import ComfyServer
     from scripts.make_random_sd15 import ensure_random_sd15
 

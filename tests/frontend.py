@@ -50,6 +50,18 @@ DROP_JS = """async ([name, text]) => {
   for (const type of ['dragenter', 'dragover', 'drop']) canvas.dispatchEvent(new DragEvent(type, at));
 }"""
 DIALOGS_JS = f"() => {PINIA}.state.value.dialog.dialogStack.map(d => d.key)"
+# The node types a loaded workflow lacks, as the page reports them: frontends before ~1.40 open the
+# missing-nodes dialog (its props list them); newer ones keep them in the missingNodesError store that feeds
+# the "errors found" overlay and the Errors panel, and open no dialog.
+MISSING_NODE_TYPES_JS = f"""() => {{
+  const name = t => typeof t === 'string' ? t : t.type;
+  const store = {PINIA}.state.value.missingNodesError;
+  if (store) return (store.missingNodesError?.nodeTypes ?? []).map(name);
+  const dialog = {PINIA}.state.value.dialog.dialogStack.find(d => d.key === '{MISSING_NODES_DIALOG}');
+  if (!dialog) return [];
+  const props = dialog.contentProps ?? {{}};
+  return (props.missingNodeTypes ?? props.nodeTypes ?? ['(unlisted)']).map(name);
+}}"""
 CLOSE_DIALOGS_JS = f"""() => {{
   const store = {PINIA}._s.get('dialog');
   for (const dialog of [...store.dialogStack]) store.closeDialog({{key: dialog.key}});
@@ -172,6 +184,10 @@ class ComfyPage:
     def dialogs(self) -> list[str]:
         return self.page.evaluate(DIALOGS_JS)
 
+    def missing_node_types(self) -> list[str]:
+        """The node types the page says the loaded workflow lacks (dialog or errors panel, by frontend)."""
+        return self.page.evaluate(MISSING_NODE_TYPES_JS)
+
     def close_dialogs(self) -> None:
         """Close whatever dialog is open (the first visit's Templates dialog, a missing-models warning)."""
         self.page.evaluate(CLOSE_DIALOGS_JS)
@@ -257,9 +273,10 @@ class ComfyPage:
 
     def template_category(self, name: str) -> list[str]:
         """Click a category of the templates browser; the ids of the template cards it then shows."""
-        self.page.locator(".p-dialog").get_by_text(name, exact=True).first.click()
+        dialog = self.page.get_by_role("dialog")
+        dialog.get_by_text(name, exact=True).first.click()
         self.page.wait_for_timeout(500)
-        heading = self.page.locator(".p-dialog").get_by_text(name, exact=True)
+        heading = dialog.get_by_text(name, exact=True)
         wait_until(lambda: heading.count() >= 2, 10, f"the {name} category opening")  # nav entry + title
         cards = self.page.locator("[data-testid^=template-workflow-]")
         return [card.get_attribute("data-testid").removeprefix("template-workflow-") for card in cards.all()]
@@ -272,6 +289,15 @@ class ComfyPage:
 
         Returns the node that was added."""
         before = {node["id"] for node in self.nodes()}
+        self.search(query, at)
+        wait_until(lambda: self.search_results()[:1] and self.search_results()[0].startswith(query), 10,
+                   f"{query!r} as the first search result")
+        self.page.keyboard.press("Enter")
+        added = wait_until(lambda: [n for n in self.nodes() if n["id"] not in before], 10, f"{query} being added")
+        return added[0]
+
+    def search(self, query: str, at: tuple[int, int] = (640, 420)) -> None:
+        """Open the node search box on empty canvas and type `query` (Escape closes it)."""
         from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
         search = self.page.get_by_role("combobox").or_(self.page.locator(".comfy-vue-node-search-box input"))
@@ -284,11 +310,6 @@ class ComfyPage:
                 if attempt == 2:
                     raise
         self.page.keyboard.type(query, delay=20)
-        wait_until(lambda: self.search_results()[:1] and self.search_results()[0].startswith(query), 10,
-                   f"{query!r} as the first search result")
-        self.page.keyboard.press("Enter")
-        added = wait_until(lambda: [n for n in self.nodes() if n["id"] not in before], 10, f"{query} being added")
-        return added[0]
 
     def search_results(self) -> list[str]:
         """The node search box's results, first line of each (the display name), in order."""

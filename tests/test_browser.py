@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import comfyui_version
 from frontend import (
-    MISSING_NODES_DIALOG,
     ComfyPage,
     chromium_unavailable,
     expected_widgets,
@@ -77,7 +77,7 @@ def check_screenshot(path: Path) -> None:
 
 def widget_problems(shown: list[dict], workflow: dict, object_info: dict) -> list[str]:
     """Nodes of the workflow whose widgets (names, then values) differ in the page."""
-    saved = {node["id"]: node for node in workflow["nodes"]}
+    saved = {str(node["id"]): node for node in workflow["nodes"]}  # newer frontends give string ids
     problems = []
     for node in shown:
         info = object_info.get(node["type"])
@@ -86,7 +86,7 @@ def widget_problems(shown: list[dict], workflow: dict, object_info: dict) -> lis
         names = [name for name in node["widgets"] if not name.startswith("$$")]
         if names != expected_widgets(info):
             problems.append(f"node {node['id']} ({node['type']}): widgets {names}, expected {expected_widgets(info)}")
-        elif node["values"] != saved[node["id"]].get("widgets_values", []):
+        elif node["values"] != saved[str(node["id"])].get("widgets_values", []):
             problems.append(f"node {node['id']} ({node['type']}): values {node['values']}")
     return problems
 
@@ -103,7 +103,7 @@ def test_example_workflow_loads_when_dropped(path: Path, ui: ComfyPage, comfy_se
                                              screenshot_dir: Path) -> None:
     workflow = load(path)
     drop(ui, path.name, workflow)
-    assert MISSING_NODES_DIALOG not in ui.dialogs()
+    assert ui.missing_node_types() == []
     shown = ui.nodes()
     assert sorted(n["type"] for n in shown) == sorted(n["type"] for n in workflow["nodes"])
     assert any(n["type"].startswith("LoraFoundry") for n in shown)
@@ -120,8 +120,8 @@ def test_a_missing_node_type_is_reported(ui: ComfyPage) -> None:
     workflow = load(UI_DIR / "train_only.json")
     workflow["nodes"][0]["type"] = "LoraFoundryNoSuchNode"
     drop(ui, "broken.json", workflow)
-    wait_until(lambda: MISSING_NODES_DIALOG in ui.dialogs(), 10, "the missing-nodes dialog")
-    assert "LoraFoundryNoSuchNode" in ui.page.locator(".p-dialog").last.inner_text()
+    missing = wait_until(ui.missing_node_types, 10, "the missing node being reported")
+    assert missing == ["LoraFoundryNoSuchNode"]
 
 
 # ---- running and cancelling ----------------------------------------------------------------------------
@@ -158,7 +158,7 @@ def test_train_and_validate_runs_and_shows_progress(ui: ComfyPage, comfy_server:
     workflow = set_widget_values(load(UI_DIR / "train_and_validate.json"), comfy_server.object_info(),
                                  tiny_train_and_validate(comfy_server.checkpoint_name, "browser-run", steps))
     drop(ui, "train_and_validate-tiny.json", workflow)
-    assert MISSING_NODES_DIALOG not in ui.dialogs()
+    assert ui.missing_node_types() == []
     ui.close_dialogs()
     ui.run()
     prompt_id, states = follow(ui, comfy_server, 4, timeout=900)
@@ -219,7 +219,7 @@ def test_templates_browser_lists_the_examples_under_the_pack(ui: ComfyPage) -> N
     assert sorted(cards) == sorted(path.stem for path in UI_WORKFLOWS)
     ui.open_template("train_only")
     wait_until(lambda: any(n["type"] == "LoraFoundryTrain" for n in ui.nodes()), 30, "train_only loading")
-    assert MISSING_NODES_DIALOG not in ui.dialogs()
+    assert ui.missing_node_types() == []
 
 
 def test_every_pack_node_can_be_added_from_the_search_box(ui: ComfyPage, comfy_server: ComfyServer) -> None:
@@ -232,3 +232,17 @@ def test_every_pack_node_can_be_added_from_the_search_box(ui: ComfyPage, comfy_s
         assert added["type"] == node_id, f"searching {node['display_name']!r} added {added['type']}"
         assert added["widgets"] == expected_widgets(node)
         ui.remove_node(added["id"])
+
+
+def test_the_train_node_is_found_by_its_search_aliases(ui: ComfyPage, comfy_server: ComfyServer) -> None:
+    """Where the server declares search aliases (ComfyUI 0.3x and later; 0.3.75 has none), the search box finds
+    the Train node by each of them."""
+    aliases = comfy_server.object_info("LoraFoundryTrain").get("search_aliases")
+    if not aliases:
+        pytest.skip(f"ComfyUI {'.'.join(map(str, comfyui_version()))}'s node schema has no search_aliases")
+    assert sorted(aliases) == ["dreambooth", "lora trainer", "train lora"]
+    ui.new_blank_workflow()
+    for alias in aliases:
+        ui.search(alias)
+        wait_until(lambda: "LoRA Foundry Train" in ui.search_results(), 10, f"{alias!r} finding the Train node")
+        ui.page.keyboard.press("Escape")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import subprocess
 import zipfile
 from pathlib import Path
@@ -65,3 +66,38 @@ def test_test_script_runs_only_the_named_file() -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     collected = [line for line in result.stdout.splitlines() if "::" in line]  # ids relative to tests/
     assert collected and all(line.startswith("test_faults.py::") for line in collected), collected
+
+
+def server_side_selection() -> str:
+    """The marker expression scripts/test.sh runs on the second ComfyUI."""
+    (expression,) = re.findall(r'^SERVER_SIDE="(.+)"$', (ROOT / "scripts" / "test.sh").read_text(), re.MULTILINE)
+    return expression
+
+
+def collected(result: subprocess.CompletedProcess) -> set[str]:
+    return {Path(line.split("::")[0]).name for line in result.stdout.splitlines() if "::" in line}
+
+
+def test_the_second_comfyui_reruns_every_server_test_and_only_those() -> None:
+    result = subprocess.run([ROOT / ".venv" / "bin" / "python", "-m", "pytest", "-q", "--collect-only", "tests",
+                             "-m", server_side_selection()], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    files = collected(result)
+    assert {"test_e2e_train.py", "test_workflows.py", "test_security.py",
+            "test_server_memory.py", "test_browser.py", "test_e2e_cancel_phases.py"} <= files
+    assert not files & {"test_config.py", "test_trainer.py", "test_node_schemas.py"}
+    assert "test_train_and_validate_runs_and_shows_progress" not in result.stdout  # the browser's slow runs
+
+
+def test_without_the_archive_the_server_tests_skip_saying_why(tmp_path: Path) -> None:
+    setup = subprocess.run(["bash", "scripts/setup_comfyui.sh", "9.9.9"], cwd=ROOT, capture_output=True, text=True,
+                           env=dict(os.environ, LORA_FOUNDRY_VENDOR=str(tmp_path)), timeout=60)
+    assert setup.returncode == 3 and f"{tmp_path}/comfyui-9.9.9.tar.gz is not here" in setup.stderr, setup.stderr
+    reason = "ComfyUI 9.9.9: its source archive is not here"
+    result = subprocess.run([ROOT / ".venv" / "bin" / "python", "-m", "pytest", "-q", "-rs",
+                             "tests/test_node_defaults.py", "-m", server_side_selection()], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, LORA_FOUNDRY_COMFYUI_ABSENT=reason))
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert re.search(r"\b2 skipped\b", result.stdout) and "passed" not in result.stdout, result.stdout[-2000:]
+    assert reason in result.stdout
