@@ -10,8 +10,20 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VERSION="${1:?usage: setup_comfyui.sh VERSION (e.g. 0.33.0)}"
-VENDOR="${LORA_FOUNDRY_VENDOR:-$ROOT/../shared/vendor}"
-ARCHIVE="$VENDOR/comfyui-$VERSION.tar.gz"
+# Where the archive is looked for: $LORA_FOUNDRY_VENDOR, else ../shared/vendor beside this checkout, else beside
+# the local repository this checkout was cloned from (a clean clone made elsewhere for CI).
+vendor_dirs() {
+  if [ -n "${LORA_FOUNDRY_VENDOR:-}" ]; then echo "$LORA_FOUNDRY_VENDOR"; return; fi
+  echo "$ROOT/../shared/vendor"
+  local origin
+  origin="$(git -C "$ROOT" remote get-url origin 2>/dev/null || true)"
+  origin="${origin#file://}"
+  if [ -n "$origin" ] && [ -d "$origin" ]; then echo "$origin/../shared/vendor"; fi
+}
+ARCHIVE=""
+while read -r folder; do
+  if [ -f "$folder/comfyui-$VERSION.tar.gz" ]; then ARCHIVE="$(cd "$folder" && pwd)/comfyui-$VERSION.tar.gz"; break; fi
+done < <(vendor_dirs)
 COMFY="$ROOT/.runtime/ComfyUI-$VERSION"
 VENV="$ROOT/.runtime/venv-comfyui-$VERSION"
 BASE_VENV="$ROOT/.venv"
@@ -19,11 +31,12 @@ BASE_VENV="$ROOT/.venv"
 log() { printf '[setup %s] %s\n' "$VERSION" "$*" >&2; }
 
 if [ ! -f "$COMFY/main.py" ]; then
-  if [ ! -f "$ARCHIVE" ]; then
-    echo "ComfyUI $VERSION's source archive $ARCHIVE is not here" >&2
+  if [ -z "$ARCHIVE" ]; then
+    echo "ComfyUI $VERSION: its source archive comfyui-$VERSION.tar.gz is in none of $(vendor_dirs | paste -sd ' ')" >&2
     exit 3
   fi
   log "unpacking $ARCHIVE"
+  mkdir -p "$ROOT/.runtime"
   tmp="$(mktemp -d "$ROOT/.runtime/unpack.XXXXXX")"
   tar -xzf "$ARCHIVE" -C "$tmp"
   top="$(find "$tmp" -mindepth 1 -maxdepth 1 -type d | head -n 1)"

@@ -62,10 +62,13 @@ run_on "$DEFAULT_VERSION" "$@"
 if [ "$#" -gt 0 ]; then
   exit  # what was named ran on the default ComfyUI
 fi
-if [ -f "${LORA_FOUNDRY_VENDOR:-$ROOT/../shared/vendor}/comfyui-$SECOND_VERSION.tar.gz" ]; then
+if absent="$(bash scripts/setup_comfyui.sh "$SECOND_VERSION" 2>&1 >/dev/null)"; then
   run_on "$SECOND_VERSION" -m "$SERVER_SIDE"
-else
+elif [ "$?" = 3 ]; then
   # the same tests, each skipped with the reason (tests/conftest.py reads it)
-  export LORA_FOUNDRY_COMFYUI_ABSENT="ComfyUI $SECOND_VERSION: its source archive comfyui-$SECOND_VERSION.tar.gz is not in ${LORA_FOUNDRY_VENDOR:-../shared/vendor}"
-  .venv/bin/python -m pytest -q tests -m "$SERVER_SIDE"
+  export LORA_FOUNDRY_COMFYUI_ABSENT="$(printf '%s' "$absent" | tail -n 1)"
+  .venv/bin/python -m pytest -q -rs tests -m "$SERVER_SIDE"
+else
+  printf '%s\n' "$absent" >&2
+  exit 1
 fi
