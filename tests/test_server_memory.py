@@ -69,7 +69,18 @@ def resident_while_training(server: ComfyServer, prompt: dict) -> list[float]:
     return seen
 
 
-def test_comfyui_holds_no_model_beside_the_trainer_of_a_new_graph(comfy_server: ComfyServer) -> None:
+@pytest.fixture
+def fresh_server(comfy_server: ComfyServer) -> ComfyServer:
+    """The session's server, restarted: in a long-lived process, memory freed by Python is not always handed
+    back to the system (the allocator keeps it), so resident memory says what is held only from a fresh start.
+    Restarting, rather than starting a second server, keeps one SD1.5-sized server on this machine at a time."""
+    comfy_server.stop()
+    comfy_server.start()
+    return comfy_server
+
+
+def test_comfyui_holds_no_model_beside_the_trainer_of_a_new_graph(fresh_server: ComfyServer) -> None:
+    comfy_server = fresh_server
     checkpoint = comfy_server.checkpoint_name
     comfy_server.run(sample_prompt(checkpoint), timeout=600)
     loaded = resident(comfy_server)
@@ -85,7 +96,8 @@ def unrelated_prompt() -> dict:
             "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
 
 
-def test_train_and_validate_trains_before_it_loads_the_checkpoint(comfy_server: ComfyServer) -> None:
+def test_train_and_validate_trains_before_it_loads_the_checkpoint(fresh_server: ComfyServer) -> None:
+    comfy_server = fresh_server
     checkpoint = comfy_server.checkpoint_name
     comfy_server.run(unrelated_prompt(), timeout=60)
     empty = resident(comfy_server)
