@@ -26,7 +26,7 @@ def load_unet(spec: Spec) -> torch.nn.Module:
     """The UNet exactly as the trainer loads it (same loader, fp32); the VAE and text encoder are dropped."""
     model = ModelConfig(path=spec.checkpoint, tokenizer_dir=spec.tokenizer_dir)
     components = get_family("sd15").load(model, torch.float32)
-    return components.unet
+    return components.denoiser
 
 
 def fixed_inputs(resolution: int) -> dict[str, torch.Tensor]:

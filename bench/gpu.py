@@ -99,12 +99,14 @@ def count_step_flops(trainer: Any, case: Case) -> int:
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    unet, device, side = trainer.models[0], trainer.device, case.resolution // 8
+    unet, device, side = trainer.models["lora_unet"], trainer.device, case.resolution // 8
     noisy = torch.randn(case.batch, 4, side, side, device=device)
     text = torch.randn(case.batch, 77, 768, device=device)
     timesteps = torch.full((case.batch,), 500, device=device, dtype=torch.long)
     with FlopCounterMode(display=False) as counter:
-        pred = trainer.family.predict(unet, noisy, timesteps, text)
+        side_px = case.resolution
+        framing = torch.tensor([[side_px, side_px, 0, 0, side_px, side_px]] * case.batch)
+        pred = trainer.family.predict(unet, noisy, timesteps, {"hidden": text}, framing)
         trainer.accelerator.backward(F.mse_loss(pred.float(), noisy))
     trainer.optimizer.zero_grad(set_to_none=True)
     return counter.get_total_flops()

@@ -42,7 +42,7 @@ def paired_steps(spec: Spec, run_dir: Path) -> tuple[list[float], list[float]]:
 
     def bare_step_then_check() -> None:
         began = time.perf_counter()
-        step(trainer.models[0], trainer.optimizer, inputs)
+        step(trainer.models["lora_unet"], trainer.optimizer, inputs)
         bare.append(time.perf_counter() - began)
         check()
 

@@ -25,7 +25,7 @@ def encode_once(spec: Spec, components: Any, family: Any) -> None:
             image = open_image(path)
             pixels = prepare_image(image, bucket_for(image.width, image.height, data), "center", None)
             components.vae.encode(pixels[None]).latent_dist.mode()
-            family.encode_text(components.text_encoder, family.tokenize(components.tokenizer, [caption]))
+            family.encode_prompt(components.text_encoders, family.tokenize(components, [caption]))
 
 
 def run(spec: Spec, started: float) -> dict[str, Any]:

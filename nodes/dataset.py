@@ -13,6 +13,7 @@ from comfy_api.latest import io
 
 from ..trainer.cache import fingerprint, sha256_file
 from ..trainer.data import DataError, Item, check_images, open_image, scan_folder, write_manifest
+from ..trainer.families import family_resolutions
 from . import paths
 from .api_features import advanced
 from .hub import export_cached_dataset
@@ -230,11 +231,12 @@ class LoraFoundryDataset(io.ComfyNode):
                 ),
                 io.Int.Input(
                     "resolution",
-                    default=512,
-                    min=64,
+                    default=0,
+                    min=0,
                     max=2048,
                     step=8,
-                    tooltip="Training resolution: side of the square bucket, in pixels (512 is SD 1.5's own)",
+                    tooltip="Training resolution: side of the square bucket, in pixels (0: the base model's own, "
+                    f"{family_resolutions()})",
                 ),
                 io.Combo.Input(
                     "crop",

@@ -64,8 +64,15 @@ class LoraFoundryLoraConfig(io.ComfyNode):
                 io.Boolean.Input(
                     "train_text_encoder",
                     default=False,
-                    tooltip="Also train a LoRA on the text encoder (slower: captions are encoded every step "
-                    "instead of once)",
+                    tooltip="Also train a LoRA on the (first) text encoder (slower: captions are encoded every "
+                    "step instead of once)",
+                ),
+                io.Boolean.Input(
+                    "train_text_encoder_2",
+                    default=False,
+                    optional=True,  # workflows saved before it existed still run
+                    tooltip="Also train the second text encoder, where the base model has one (an error where it "
+                    "has not)",
                 ),
             ],
             outputs=[LoraConfigType.Output(display_name="lora_config")],
@@ -73,7 +80,15 @@ class LoraFoundryLoraConfig(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, rank: int, alpha: float, init: str, targets: str, dropout: float, train_text_encoder: bool
+        cls,
+        rank: int,
+        alpha: float,
+        init: str,
+        targets: str,
+        dropout: float,
+        train_text_encoder: bool,
+        train_text_encoder_2: bool = False,
     ) -> io.NodeOutput:
         return io.NodeOutput({"rank": rank, "alpha": float(alpha), "init": init, "targets": targets,
-                              "dropout": float(dropout), "train_text_encoder": train_text_encoder})
+                              "dropout": float(dropout), "train_text_encoder": train_text_encoder,
+                              "train_text_encoder_2": train_text_encoder_2})

@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from ..trainer.config import ConfigError, Device, LrScheduler, MixedPrecision, Optimizer, RunConfig, parse_config
 from ..trainer.events import read_events
+from ..trainer.families import TRAINED_NAMES, detect_family, get_family
 from ..trainer.identity import run_identity
 from . import paths
 from .api_features import advanced, search_aliases
@@ -102,7 +103,7 @@ def format_seconds(seconds: float) -> str:
 def progress_text(event: dict) -> str | None:
     kind = event["type"]
     if kind == "loading":
-        return "loading the base model"
+        return f"loading the {event['family']} base model" if event.get("family") else "loading the base model"
     if kind == "cache":
         return f"encoding images and captions {event['done']}/{event['total']} ({event['hits']} cached)"
     if kind == "step":
@@ -189,11 +190,14 @@ def build_config(base_model: str, dataset: dict, lora_config: dict, output_name:
                  train: dict, sample: dict) -> RunConfig:
     """The validated run config, its identity and its run folder (named after the output and the identity)."""
     stem = paths.safe_output_name(output_name)
+    model_path = paths.resolve_base_model(base_model)
+    family = detect_family(model_path)  # read from the weights, before anything is written or launched
     raw = {
         "run_dir": "pending",
-        "model": {"path": str(paths.resolve_base_model(base_model)),
+        "model": {"path": str(model_path), "family": family,
                   "tokenizer_dir": str(paths.comfy_tokenizer_dir())},
-        "data": {"manifest": dataset["manifest"], **dataset["settings"]},
+        "data": {"manifest": dataset["manifest"], **dataset["settings"],
+                 "resolution": dataset["settings"]["resolution"] or get_family(family).default_resolution},
         "lora": dict(lora_config),
         "train": {**train, "cache_dir": str(paths.cache_dir())},
         "sample": sample,
@@ -263,7 +267,8 @@ class LoraFoundryTrain(io.ComfyNode):
                 io.Combo.Input(
                     "base_model",
                     options=paths.base_models() or [""],
-                    tooltip="An SD 1.5 checkpoint from models/checkpoints, or a diffusers folder from models/diffusers",
+                    tooltip=f"A checkpoint from models/checkpoints, or a diffusers folder from models/diffusers: "
+                    f"{TRAINED_NAMES}, read from the file",
                 ),
                 Dataset.Input(
                     "dataset",

@@ -19,7 +19,7 @@ from comfy_server import ComfyServer  # noqa: E402
 from make_random_sd15 import default_path, ensure_random_sd15  # noqa: E402
 from run_workflow import main as run_workflow  # noqa: E402
 
-from trainer.checkpoint import describe_checkpoint  # noqa: E402
+from trainer.families.detect import describe_checkpoint  # noqa: E402
 
 WORKFLOW = ROOT / "workflows_api" / "train_and_validate.json"
 CPU_OVERRIDES = [

@@ -75,6 +75,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", tokenizer_dir)
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    from tiny_model import save_tiny_sdxl_model
+
+    return save_tiny_sdxl_model(tmp_path_factory.mktemp("tiny-sdxl") / "model", tokenizer_dir)
+
+
 def draw_image(path: Path, size: tuple[int, int], color: tuple[int, int, int], shape: str = "circle") -> Path:
     image = Image.new("RGB", size, (240, 240, 240))
     draw = ImageDraw.Draw(image)
@@ -169,6 +176,26 @@ def read_events(run_dir: Path) -> list[dict]:
     from trainer.events import read_events as read_event_file
 
     return read_event_file(Path(run_dir) / "events.jsonl")
+
+
+def kill_after_checkpoint(cfg: dict, step: int, timeout: float = 300) -> None:
+    """Launch the run of `cfg` and SIGKILL its whole process group once it has passed the checkpoint event
+    and reached step `step` (a kill -9 mid-run: no stop handling, no final save)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(launch_args(write_config(cfg)), start_new_session=True, env=trainer_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    events_path = Path(cfg["run_dir"]) / "events.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        text = events_path.read_text() if events_path.exists() else ""
+        if '"type": "checkpoint", "time"' in text and f'"step": {step}' in text:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    wait_for_group_exit(proc.pid)
 
 
 def wait_for_group_exit(pgid: int, timeout: float = 60) -> None:

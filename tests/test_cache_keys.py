@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from trainer.cache import FileHashes, sha256_tensors
-from trainer.checkpoint import safetensors_header, stored_float_dtype
+from trainer.weights import safetensors_header, stored_float_dtype
 
 PREFIXES = ("first_stage_model.", "cond_stage_model.")
 

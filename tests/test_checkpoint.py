@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from trainer.checkpoint import (
+from trainer.families.detect import (
     FLUX,
     LORA,
     SD1,
@@ -27,13 +27,19 @@ from trainer.checkpoint import (
     SD2,
     SD3,
     SDXL,
+    SDXL_DISTILLED,
     SDXL_REFINER,
     UNKNOWN,
     UnsupportedModelError,
     describe_checkpoint,
+    detect_family,
     is_diffusers_folder,
-    require_sd15,
+    require_family,
 )
+
+
+def require_sd15(path: Path | str) -> None:
+    require_family(path, "sd15")
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = ROOT / "trainer" / "families" / "sd15_config"
@@ -66,11 +72,20 @@ FAKES: dict[str, dict[str, torch.Tensor]] = {
     "sdxl": {
         "model.diffusion_model.label_emb.0.0.weight": tiny(8, 2816),
         "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": tiny(8, 2048),
+        "model.diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight": tiny(8, 2048),
+        "first_stage_model.encoder.conv_in.weight": tiny(8, 3, 3, 3),
         "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": tiny(4, 768),
         "conditioner.embedders.1.model.token_embedding.weight": tiny(4, 1280),
     },
     "sdxl_unet_only": {
         "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": tiny(8, 2048),
+        "model.diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight": tiny(8, 2048),
+    },
+    "sdxl_distilled": {  # SSD-1B's depth: no tenth transformer block at the deepest level
+        "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": tiny(8, 2048),
+        "model.diffusion_model.input_blocks.7.1.transformer_blocks.3.attn2.to_k.weight": tiny(8, 2048),
+        "first_stage_model.encoder.conv_in.weight": tiny(8, 3, 3, 3),
+        "conditioner.embedders.1.model.token_embedding.weight": tiny(4, 1280),
     },
     "sdxl_refiner": {
         "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": tiny(8, 1280),
@@ -89,6 +104,7 @@ EXPECTED = {
     "sd2": SD2,
     "sdxl": SDXL,
     "sdxl_unet_only": SDXL,
+    "sdxl_distilled": SDXL_DISTILLED,
     "sdxl_refiner": SDXL_REFINER,
     "flux": FLUX,
     "flux_bare": FLUX,
@@ -128,17 +144,25 @@ def test_sd1_is_accepted(tmp_path: Path) -> None:
     require_sd15(str(write_fake(tmp_path, "sd1", suffix=".ckpt", nested=True)))
 
 
+@pytest.mark.parametrize(("name", "family"), [("sd1", "sd15"), ("sdxl", "sdxl")])
+def test_the_family_is_read_from_the_file(tmp_path: Path, name: str, family: str) -> None:
+    assert detect_family(write_fake(tmp_path, name)) == family
+    require_family(write_fake(tmp_path, name, suffix=".ckpt"), family)
+
+
 @pytest.mark.parametrize(
     ("name", "phrase"),
     [
-        ("sdxl", "looks like an SDXL checkpoint; LoRA Foundry trains SD 1.5 LoRAs only (SDXL is planned)"),
-        ("sdxl_refiner", "looks like an SDXL refiner checkpoint"),
+        ("sdxl", "is an SDXL model, but model.family is 'sd15' (SD 1.5); set model.family to 'sdxl' or 'auto'"),
+        ("sdxl_refiner", "looks like an SDXL refiner checkpoint; LoRA Foundry trains SD 1.5 and SDXL LoRAs"),
+        ("sdxl_distilled", "looks like a distilled SDXL (SSD-1B, Vega or KOALA) checkpoint"),
+        ("sdxl_unet_only", "without VAE, text encoder and second text encoder weights"),
         ("sd2", "looks like an SD 2.x checkpoint"),
         ("sd3", "looks like an SD 3 checkpoint"),
         ("flux", "looks like a Flux checkpoint"),
         ("sd1_inpaint", "looks like an SD 1.x inpainting checkpoint"),
         ("lora", "looks like a LoRA, not a base model"),
-        ("unrelated", "is not a recognisable SD 1.5 checkpoint"),
+        ("unrelated", "is not a recognisable SD 1.5 and SDXL checkpoint"),
         ("sd1_unet_only", "without VAE and text encoder weights"),
     ],
 )
@@ -148,7 +172,6 @@ def test_rejections_name_the_file_and_the_kind(tmp_path: Path, name: str, phrase
         require_sd15(path)
     assert str(path) in str(caught.value)
     assert phrase in str(caught.value)
-    assert "planned" not in str(caught.value) or name == "sdxl"
 
 
 @pytest.mark.parametrize(
@@ -207,13 +230,26 @@ def test_diffusers_folder_sd1(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("context", "hidden", "kind"), [(1024, 1024, SD2), (2048, 768, SDXL), (768, 1024, UNKNOWN)]
+    ("context", "hidden", "kind"), [(1024, 1024, SD2), (2048, 768, UNKNOWN), (768, 1024, UNKNOWN)]
 )
 def test_diffusers_folder_other_kinds(tmp_path: Path, context: int, hidden: int, kind) -> None:
     folder = diffusers_folder(tmp_path, unet_context=context, text_hidden=hidden)
     assert describe_checkpoint(folder) == kind
     with pytest.raises(UnsupportedModelError, match=str(folder)):
         require_sd15(folder)
+
+
+def test_diffusers_folder_sdxl(tmp_path: Path) -> None:
+    """The shipped SDXL config folder with placeholder weights: SDXL's layout (two encoders, size conditioning)."""
+    folder = tmp_path / "sdxl"
+    shutil.copytree(ROOT / "trainer" / "families" / "sdxl_config", folder)
+    for sub, name in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                      ("text_encoder", "model"), ("text_encoder_2", "model")):
+        (folder / sub / f"{name}.safetensors").write_bytes(b"x")
+    assert describe_checkpoint(folder) == SDXL and detect_family(folder) == "sdxl"
+    (folder / "text_encoder_2" / "model.safetensors").unlink()
+    with pytest.raises(UnsupportedModelError, match="an SDXL model without second text encoder weights"):
+        detect_family(folder)
 
 
 def test_config_only_folder_is_not_a_model(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ def test_defaults_are_the_seed_chapters() -> None:
     )
     assert (t.batch_size, t.gradient_accumulation_steps, t.epochs, t.lr_scheduler) == (4, 1, 200, "constant")
     assert (t.max_grad_norm, t.mixed_precision, t.optimizer) == (1.0, "fp16", "adamw")
-    assert (cfg.data.resolution, cfg.data.crop, cfg.data.random_flip) == (768, "center", True)
+    assert (cfg.data.resolution, cfg.data.crop, cfg.data.random_flip) == (0, "center", True)  # 0: the family's own
     assert (t.min_snr_gamma, t.noise_offset, cfg.lora.train_text_encoder) == (0.0, 0.0, False)
 
 

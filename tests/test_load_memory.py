@@ -23,7 +23,7 @@ if way == "trainer":
     from trainer.config import ModelConfig
     from trainer.families.sd15 import SD15
     c = SD15.load(ModelConfig(path=path, tokenizer_dir=tokenizer_dir), torch.float32)
-    models = (c.unet, c.vae, c.text_encoder)
+    models = (c.denoiser, c.vae, c.text_encoders["lora_te"])
 else:
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer

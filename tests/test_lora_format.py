@@ -73,11 +73,14 @@ def _fill_random(model: torch.nn.Module, seed: int) -> None:
                 weight.copy_(torch.randn(weight.shape, generator=generator) * 0.1)
 
 
+PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te"}  # SD 1.5's kohya prefixes
+
+
 def _kohya_name(part: str, path: str) -> str:
     # the spec: the diffusers / original CLIP module path, "." → "_" (transformers 5 dropped `text_model.`)
     if part == "text_encoder" and not path.startswith("text_model."):
         path = f"text_model.{path}"
-    return f"{SD15.lora_prefixes[part]}_{path.replace('.', '_')}"
+    return f"{PREFIXES[part]}_{path.replace('.', '_')}"
 
 
 def _modules(part: str, model: torch.nn.Module) -> dict[str, Module]:
@@ -91,18 +94,19 @@ def _modules(part: str, model: torch.nn.Module) -> dict[str, Module]:
 
 def _train(preset: str, with_text_encoder: bool, folder: Path) -> Trained:
     unet = build_unet()
-    unet.add_adapter(_peft_config(SD15.unet_targets(preset)))
+    unet.add_adapter(_peft_config(SD15.targets("lora_unet", preset)))
     _fill_random(unet, seed=10)
     modules = _modules("unet", unet)
     text_encoder = None
     if with_text_encoder:
         # transformers 5's add_adapter wants peft >= 0.22; peft's own injection works with any version
         text_encoder = inject_adapter_in_model(
-            _peft_config(SD15.text_encoder_targets(preset)), build_text_encoder()
+            _peft_config(SD15.targets("lora_te", preset)), build_text_encoder()
         )
         _fill_random(text_encoder, seed=11)
         modules |= _modules("text_encoder", text_encoder)
-    tensors = kohya_state_dict(unet, text_encoder, alpha=ALPHA, prefixes=SD15.lora_prefixes)
+    parts = {"lora_unet": unet} | ({"lora_te": text_encoder} if text_encoder is not None else {})
+    tensors = kohya_state_dict(parts, SD15, alpha=ALPHA)
     file = folder / f"{preset}_{with_text_encoder}.safetensors"
     save_lora_file(file, tensors, {"ss_network_alpha": str(ALPHA)}, overwrite=False)
     return Trained(file, modules)
@@ -175,30 +179,30 @@ def test_trainer_all_preset_on_the_tiny_model(tiny_model_dir):
     from trainer.loop import add_lora
 
     components = SD15.load(ModelConfig(path=str(tiny_model_dir)), torch.float32)
-    expected = _kohya_all_preset(components.unet, components.text_encoder)  # before the adapters wrap layers
+    expected = _kohya_all_preset(components.denoiser, components.text_encoders["lora_te"])  # before adapters wrap
     cfg = RunConfig(lora=LoraConfig(rank=RANK, alpha=ALPHA, targets="all", train_text_encoder=True))
     add_lora(cfg, SD15, components)
-    tensors = kohya_state_dict(components.unet, components.text_encoder, alpha=ALPHA, prefixes=SD15.lora_prefixes)
+    tensors = kohya_state_dict(components.parts(), SD15, alpha=ALPHA)
     assert {key.split(".")[0] for key in tensors} == expected
 
 
 def test_rejects_what_kohya_cannot_hold():
     unet = build_unet()
     with pytest.raises(ValueError, match="no LoRA layers"):
-        kohya_state_dict(unet, alpha=ALPHA, prefixes=SD15.lora_prefixes)
+        kohya_state_dict({"lora_unet": unet}, SD15, alpha=ALPHA)
     unet.add_adapter(_peft_config(["to_q"]))
     with pytest.raises(ValueError, match="differs from the configured alpha"):
-        kohya_state_dict(unet, alpha=ALPHA * 2, prefixes=SD15.lora_prefixes)
+        kohya_state_dict({"lora_unet": unet}, SD15, alpha=ALPHA * 2)
     rslora = build_unet()
     rslora.add_adapter(PeftLoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["to_q"], use_rslora=True))
     with pytest.raises(ValueError, match="use_rslora"):
-        kohya_state_dict(rslora, alpha=ALPHA, prefixes=SD15.lora_prefixes)
+        kohya_state_dict({"lora_unet": rslora}, SD15, alpha=ALPHA)
     olora = build_unet()
     olora.add_adapter(
         PeftLoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["to_q"], init_lora_weights="olora")
     )
     with pytest.raises(ValueError, match="changes the base weights"):
-        kohya_state_dict(olora, alpha=ALPHA, prefixes=SD15.lora_prefixes)
+        kohya_state_dict({"lora_unet": olora}, SD15, alpha=ALPHA)
 
 
 # --- diffusers -----------------------------------------------------------------------------------------

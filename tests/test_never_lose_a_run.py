@@ -259,9 +259,9 @@ def test_lora_weights_stay_fp32_over_16_bit_frozen_weights(tiny_model_dir) -> No
                         "lora": {"train_text_encoder": True}, "output": {"lora_path": "x.safetensors"}})
     for dtype in (torch.float16, torch.bfloat16):
         components = family.load(cfg.model, dtype)
-        params = add_lora(cfg, family, components)
+        params = [p for group in add_lora(cfg, family, components).values() for p in group]
         trainable = {id(p) for p in params}
         assert params and all(p.dtype == torch.float32 for p in params)
-        frozen = [p for m in (components.unet, components.text_encoder) for p in m.parameters()
+        frozen = [p for m in components.parts().values() for p in m.parameters()
                   if id(p) not in trainable]
         assert frozen and all(p.dtype == dtype and not p.requires_grad for p in frozen)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import comfyui_version
 
+from trainer.families import get_family
+
 pytestmark = pytest.mark.comfy_server
 
 
@@ -17,7 +19,10 @@ def defaults(info: dict, node: str) -> dict:
 def test_train_and_dataset_defaults_fit_a_consumer_gpu(comfy_server) -> None:
     info = comfy_server.object_info()
     train, dataset = defaults(info, "LoraFoundryTrain"), defaults(info, "LoraFoundryDataset")
-    assert dataset["resolution"] == 512  # SD 1.5's own size; 768 was ~2.25x the activations
+    # 0: the base model's own size, which the Train node reads from the checkpoint (SD 1.5: 512; 768 was
+    # ~2.25x the activations; SDXL: 1024)
+    assert dataset["resolution"] == 0
+    assert {name: get_family(name).default_resolution for name in ("sd15", "sdxl")} == {"sd15": 512, "sdxl": 1024}
     assert train["batch_size"] == 1
     assert train["gradient_checkpointing"] is True
     assert train["mixed_precision"] == "auto"  # bf16 or fp16 on CUDA, fp32 where 16 bits cannot train

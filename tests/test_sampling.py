@@ -27,7 +27,7 @@ def render(tmp_path, model_dir, tokenizer_dir, negative: str, step: int) -> list
     family = get_family("sd15")
     cfg = sample_config(tmp_path, model_dir, tokenizer_dir, negative)
     components = family.load(cfg.model, torch.float32)
-    return render_samples(cfg, family, components, components.unet, torch.device("cpu"), step)
+    return render_samples(cfg, family, components, components.denoiser, torch.device("cpu"), step)
 
 
 def pixels(path) -> np.ndarray:

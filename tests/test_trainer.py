@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import (
     draw_image,
+    kill_after_checkpoint,
     launch_args,
     read_events,
     run_trainer,
@@ -139,18 +140,7 @@ def test_killed_run_resumes_to_the_same_lora(tmp_path, tiny_model_dir, two_image
     assert_ok(run_trainer(whole))
 
     cut = tiny_config(tmp_path / "cut", tiny_model_dir, two_image_folder, train=train)
-    proc = subprocess.Popen(launch_args(write_config(cut)), start_new_session=True, env=trainer_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    events_path = tmp_path / "cut" / "events.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if events_path.exists() and '"type": "checkpoint", "time"' in events_path.read_text() \
-                and '"step": 4' in events_path.read_text():
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    wait_for_group_exit(proc.pid)
+    kill_after_checkpoint(cut, step=4)
     assert not Path(cut["output"]["lora_path"]).exists(), "the run finished before it could be killed"
 
     assert_ok(run_trainer(cut))

@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import safetensors_header
+from .weights import safetensors_header
 
 _CHUNK = 1 << 20
 

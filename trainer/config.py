@@ -24,7 +24,7 @@ LrScheduler = Literal[
 MixedPrecision = Literal["no", "fp16", "bf16", "auto"]  # auto: bf16 or fp16 on CUDA, fp32 elsewhere
 Device = Literal["auto", "cpu", "cuda", "mps"]
 PredictionType = Literal["epsilon", "v_prediction"]
-Family = Literal["sd15"]
+Family = Literal["auto", "sd15", "sdxl"]  # auto: read from the base model (families/detect.py)
 
 
 class ConfigError(ValueError):
@@ -38,16 +38,17 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     path: str = ""  # single-file checkpoint (.safetensors/.ckpt) or diffusers folder
-    family: Family = "sd15"
-    tokenizer_dir: str | None = None  # None: search (see families/sd15.py: find_tokenizer_dir)
+    family: Family = "auto"
+    tokenizer_dir: str | None = None  # None: search (see families/tokenizers.py: find_tokenizer_dir)
     prediction_type: PredictionType | None = None  # None: from the scheduler config
+    zero_terminal_snr: bool = False  # rescale the noise schedule to zero SNR at its end (v-prediction models)
 
 
 @dataclass
 class DataConfig:
     manifest: str | None = None  # JSON manifest written by the caller (see data.py)
     folder: str | None = None  # or an image folder with .txt captions / metadata.jsonl / .csv
-    resolution: int = 768
+    resolution: int = 0  # 0: the family's own (families/*.py default_resolution)
     crop: Crop = "center"
     random_flip: bool = True
     top_rows: int = 0  # 0: every row
@@ -64,7 +65,8 @@ class LoraConfig:
     init: LoraInit = "gaussian"
     targets: TargetPreset = "attention"
     dropout: float = 0.0
-    train_text_encoder: bool = False
+    train_text_encoder: bool = False  # the (first) text encoder
+    train_text_encoder_2: bool = False  # the second text encoder, for families that have one (SDXL)
 
 
 @dataclass
@@ -76,6 +78,7 @@ class TrainConfig:
     max_steps: int = 0  # 0: epochs decide
     learning_rate: float = 1e-4
     text_encoder_learning_rate: float | None = None  # None: learning_rate
+    text_encoder_2_learning_rate: float | None = None  # None: text_encoder_learning_rate
     lr_scheduler: LrScheduler = "constant"
     lr_warmup_steps: int = 0
     optimizer: Optimizer = "adamw"
@@ -200,7 +203,10 @@ def _range_problems(cfg: RunConfig) -> list[str]:
             "output.lora_path: must end with .safetensors",
         ),
         ((d.manifest is None) == (d.folder is None), "data: give exactly one of manifest, folder"),
-        (d.resolution < 64 or d.resolution % 8, "data.resolution: a multiple of 8, at least 64"),
+        (
+            d.resolution != 0 and (d.resolution < 64 or d.resolution % 8),
+            "data.resolution: 0 (the model's own) or a multiple of 8, at least 64",
+        ),
         (d.top_rows < 0, "data.top_rows: 0 (all) or more"),
         (d.repeats < 1, "data.repeats: 1 or more"),
         (d.bucket_step < 8 or d.bucket_step % 8, "data.bucket_step: a multiple of 8"),
@@ -217,6 +223,10 @@ def _range_problems(cfg: RunConfig) -> list[str]:
         (
             t.text_encoder_learning_rate is not None and t.text_encoder_learning_rate <= 0,
             "train.text_encoder_learning_rate: greater than 0",
+        ),
+        (
+            t.text_encoder_2_learning_rate is not None and t.text_encoder_2_learning_rate <= 0,
+            "train.text_encoder_2_learning_rate: greater than 0",
         ),
         (t.lr_warmup_steps < 0, "train.lr_warmup_steps: 0 or more"),
         (not 0 <= t.adam_beta1 < 1, "train.adam_beta1: in [0, 1)"),

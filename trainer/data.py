@@ -496,10 +496,39 @@ def _shrink_side(scaled: float, source: int) -> int:
 # ------------------------------------------------------------------------------------------------ pixels
 
 
+@dataclass(frozen=True)
+class Framing:
+    """Where a training picture's pixels come from, in pixels: the picture's own size, the top-left corner of
+    the crop in the resized picture, the bucket it fills, and the resized width (to mirror the crop). SDXL is
+    conditioned on these (its "time ids"); the other families ignore them."""
+
+    original: tuple[int, int]  # (height, width) as read
+    crop_top_left: tuple[int, int]  # (top, left)
+    target: tuple[int, int]  # (height, width) of the bucket
+    resized_width: int
+
+    def flipped(self) -> Framing:
+        """The framing of the mirrored pixels: the crop's left edge measured from the other side."""
+        top, left = self.crop_top_left
+        return Framing(self.original, (top, self.resized_width - left - self.target[1]), self.target,
+                       self.resized_width)
+
+    def as_tensor(self) -> torch.Tensor:
+        """(6,): original height, width, crop top, left, target height, width."""
+        return torch.tensor([*self.original, *self.crop_top_left, *self.target], dtype=torch.float32)
+
+
 def prepare_image(
     image: Image.Image, bucket: tuple[int, int], crop: Crop, rng: random.Random | None
 ) -> torch.Tensor:
-    """A (3, H, W) float32 tensor in [-1, 1] of exactly the bucket's size.
+    """A (3, H, W) float32 tensor in [-1, 1] of exactly the bucket's size (see prepare_framed)."""
+    return prepare_framed(image, bucket, crop, rng)[0]
+
+
+def prepare_framed(
+    image: Image.Image, bucket: tuple[int, int], crop: Crop, rng: random.Random | None
+) -> tuple[torch.Tensor, Framing]:
+    """A (3, H, W) float32 tensor in [-1, 1] of exactly the bucket's size, and where it came from.
 
     The image is resized (bilinear, antialiased) to cover the bucket, keeping its aspect ratio, then
     cropped: centered, or at an offset drawn from `rng` (required for random crops).
@@ -508,9 +537,10 @@ def prepare_image(
     # resize while still uint8: half the time and a quarter of the memory of float32 on photos
     pixels = _resize_to_cover(F.to_image(image.convert("RGB")), bucket_w, bucket_h)
     top, left = _crop_offsets(pixels.shape[-2] - bucket_h, pixels.shape[-1] - bucket_w, crop, rng)
+    framing = Framing((image.height, image.width), (top, left), (bucket_h, bucket_w), pixels.shape[-1])
     pixels = F.crop(pixels, top, left, bucket_h, bucket_w)
     tensor = F.to_dtype(pixels, torch.float32, scale=True)
-    return (tensor * 2.0 - 1.0).as_subclass(torch.Tensor).contiguous()
+    return (tensor * 2.0 - 1.0).as_subclass(torch.Tensor).contiguous(), framing
 
 
 def _resize_to_cover(tensor: torch.Tensor, bucket_w: int, bucket_h: int) -> torch.Tensor:

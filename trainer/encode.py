@@ -12,7 +12,7 @@ import torch
 
 from .cache import FileHashes, TensorCache, fingerprint, sha256_file
 from .config import RunConfig
-from .data import Item, bucket_for, flip, open_image, prepare_image
+from .data import Item, bucket_for, flip, open_image, prepare_framed
 from .families import Components, ModelFamily
 from .schedule import derive_seed
 
@@ -21,8 +21,11 @@ from .schedule import derive_seed
 class Encoded:
     latents: torch.Tensor  # (C, h, w), already scaled by the VAE's scaling factor
     latents_flipped: torch.Tensor | None
-    input_ids: torch.Tensor  # (tokens,)
-    text: torch.Tensor | None  # (tokens, dim); None when the text encoder trains
+    framing: torch.Tensor  # (6,): original size, crop top-left, target size (data.Framing)
+    framing_flipped: torch.Tensor | None
+    tokens: dict[str, torch.Tensor]  # text encoder prefix -> (tokens,)
+    text: dict[str, torch.Tensor] | None  # the family's prompt encoding, no batch dimension; None when a text
+    # encoder trains (the captions are then encoded every step)
 
 
 def model_digest(components: Components, cache_root: Path) -> str:
@@ -43,35 +46,40 @@ def encode_dataset(
     digest = model_digest(components, cfg.cache_dir)
     latents_cache = TensorCache(cfg.cache_dir, "latents")
     text_cache = TensorCache(cfg.cache_dir, "text")
-    vae, text_encoder = components.vae, components.text_encoder
+    vae = components.vae
     scaling = vae.config.scaling_factor
+    encode_text = not family.trained_text_encoders(cfg.lora)
     encoded, hits = [], 0
     for index, item in enumerate(items):
         image = open_image(item.image)
         bucket = bucket_for(image.width, image.height, data)
         image_digest = sha256_file(item.image)
         crop_rng = random.Random(derive_seed(cfg.train.seed, int(image_digest[:15], 16)))
-        key = fingerprint("latents-v1", digest, image_digest, bucket, data.crop, data.random_flip, cfg.train.seed)
+        key = fingerprint("latents-v2", digest, image_digest, bucket, data.crop, data.random_flip, cfg.train.seed)
         cached = latents_cache.get(key)
         if cached is None:
-            pixels = prepare_image(image, bucket, data.crop, crop_rng if data.crop == "random" else None)
+            pixels, framing = prepare_framed(image, bucket, data.crop, crop_rng if data.crop == "random" else None)
             variants = {"plain": pixels} | ({"flipped": flip(pixels)} if data.random_flip else {})
             cached = {name: latents * scaling for name, latents in _encode_images(vae, variants, device).items()}
+            cached["framing"] = framing.as_tensor()
+            if data.random_flip:
+                cached["framing_flipped"] = framing.flipped().as_tensor()
             latents_cache.put(key, cached)
         else:
             hits += 1
-        input_ids = family.tokenize(components.tokenizer, [item.caption])[0]
+        tokens = {prefix: ids[0] for prefix, ids in family.tokenize(components, [item.caption]).items()}
         text = None
-        if not cfg.lora.train_text_encoder:
-            text_key = fingerprint("text-v1", digest, input_ids.tolist())
-            text_entry = text_cache.get(text_key)
-            if text_entry is None:
+        if encode_text:
+            text_key = fingerprint("text-v2", family.name, digest, {p: ids.tolist() for p, ids in tokens.items()})
+            text = text_cache.get(text_key)
+            if text is None:
+                encoders = {prefix: encoder.to(device) for prefix, encoder in components.text_encoders.items()}
                 with torch.no_grad():
-                    embedding = family.encode_text(text_encoder.to(device), input_ids[None])[0]
-                text_entry = {"text": embedding}
-                text_cache.put(text_key, text_entry)
-            text = text_entry["text"]
-        encoded.append(Encoded(cached["plain"], cached.get("flipped"), input_ids, text))
+                    batch = family.encode_prompt(encoders, {p: ids[None].to(device) for p, ids in tokens.items()})
+                text_cache.put(text_key, {name: value[0] for name, value in batch.items()})
+                text = text_cache.get(text_key)  # as a later run reads it: fp32, on the CPU
+        encoded.append(Encoded(cached["plain"], cached.get("flipped"), cached["framing"],
+                               cached.get("framing_flipped"), tokens, text))
         progress(index + 1, len(items), hits)
     return encoded
 

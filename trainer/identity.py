@@ -26,6 +26,15 @@ _NEUTRAL = {
 }
 
 
+# settings added after runs were first identified: at their defaults they are left out, so a run made before
+# they existed keeps its identity (and its LoRA stays this run's own)
+_LATER_DEFAULTS = {
+    "model": {"zero_terminal_snr": False},
+    "lora": {"train_text_encoder_2": False},
+    "train": {"text_encoder_2_learning_rate": None},
+}
+
+
 def length_free(cfg: RunConfig) -> bool:
     return cfg.train.lr_scheduler in LENGTH_FREE_SCHEDULES
 
@@ -39,6 +48,10 @@ def run_identity(cfg: RunConfig, data_content: str) -> str:
     for section, names in _NEUTRAL.items():
         for name in names:
             raw[section].pop(name, None)
+    for section, defaults in _LATER_DEFAULTS.items():
+        for name, default in defaults.items():
+            if raw[section].get(name) == default:
+                raw[section].pop(name)
     raw["model"]["path"] = Path(cfg.model.path).name
     if length_free(cfg):
         raw["train"].pop("max_steps")

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import compute_snr
 from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -26,7 +25,7 @@ from .config import RunConfig
 from .data import check_images, load_items
 from .encode import Encoded, encode_dataset
 from .events import EventLog
-from .families import Components, ModelFamily, get_family
+from .families import DENOISER, Components, ModelFamily, Objective, family_for
 from .lora_file import base_model_hashes, count_tags, dataset_name, kohya_state_dict, lora_metadata, save_lora_file
 from .resume import load_checkpoint, newest_checkpoint, save_checkpoint
 from .sampling import render_samples
@@ -112,35 +111,41 @@ def weight_dtype(accelerator: Accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def add_lora(cfg: RunConfig, family: ModelFamily, components: Components) -> list[torch.nn.Parameter]:
-    """Add the adapters (seeded, so every process starts equal) and return the trainable parameters in fp32."""
+def trained_parts(cfg: RunConfig, family: ModelFamily, components: Components) -> dict[str, torch.nn.Module]:
+    """The models that get adapters, by LoRA prefix: the denoiser, and the text encoders the config trains."""
+    parts = components.parts()
+    return {prefix: parts[prefix] for prefix in [DENOISER, *family.trained_text_encoders(cfg.lora)]}
+
+
+def add_lora(cfg: RunConfig, family: ModelFamily, components: Components) -> dict[str, list[torch.nn.Parameter]]:
+    """Add the adapters (seeded, so every process starts equal) and return each part's trainable parameters,
+    in fp32."""
     lo = cfg.lora
     torch.manual_seed(cfg.train.seed)
-    modules = [(components.unet, family.unet_targets(lo.targets))]
-    if lo.train_text_encoder:
-        modules.append((components.text_encoder, family.text_encoder_targets(lo.targets)))
-    params = []
-    for module, targets in modules:
+    params: dict[str, list[torch.nn.Parameter]] = {}
+    for prefix, module in trained_parts(cfg, family, components).items():
         config = PeftLoraConfig(
             r=lo.rank,
             lora_alpha=lo.alpha,
             init_lora_weights=True if lo.init == "default" else lo.init,
-            target_modules=targets,
+            target_modules=family.targets(prefix, lo.targets),
             lora_dropout=lo.dropout,
         )
         inject_adapter_in_model(config, module)  # works for diffusers and transformers models alike
+        params[prefix] = []
         for p in module.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
-                params.append(p)
+                params[prefix].append(p)
     return params
 
 
-def make_optimizer(cfg: RunConfig, unet_params: list, te_params: list, on_cuda: bool) -> torch.optim.Optimizer:
+def make_optimizer(
+    cfg: RunConfig, family: ModelFamily, params: dict[str, list[torch.nn.Parameter]], on_cuda: bool
+) -> torch.optim.Optimizer:
+    """One parameter group per trained part, each at its own learning rate."""
     t = cfg.train
-    groups = [{"params": unet_params, "lr": t.learning_rate}]
-    if te_params:
-        groups.append({"params": te_params, "lr": t.text_encoder_learning_rate or t.learning_rate})
+    groups = [{"params": group, "lr": family.learning_rate(prefix, t)} for prefix, group in params.items()]
     kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay, eps=t.adam_epsilon)
     if t.optimizer == "adamw8bit":
         if not on_cuda:
@@ -160,42 +165,39 @@ def total_steps(cfg: RunConfig, plan: EpochPlan) -> int:
     return math.ceil(t.epochs * plan.batches_per_epoch / t.gradient_accumulation_steps)
 
 
-def denoising_loss(
-    pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler: Any, min_snr_gamma: float
-) -> torch.Tensor:
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if min_snr_gamma:
-        snr = compute_snr(scheduler, timesteps)
-        weight = torch.clamp(snr, max=min_snr_gamma) / snr
-        if scheduler.config.prediction_type == "v_prediction":
-            weight = torch.clamp(snr, max=min_snr_gamma) / (snr + 1)
-        per_sample = per_sample * weight
+def denoising_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.dim())))
+    if weights is not None:
+        per_sample = per_sample * weights
     return per_sample.mean()
 
 
 def assemble_batch(
-    cfg: RunConfig, encoded: list[Encoded], slots: list[Slot], epoch: int, timesteps: int
-) -> dict[str, torch.Tensor]:
-    """Stack latents / text for the slots, with each slot's own seeded noise, timestep and flip."""
-    latents, noise, steps, texts, ids = [], [], [], [], []
+    cfg: RunConfig, encoded: list[Encoded], slots: list[Slot], epoch: int, objective: Objective
+) -> dict[str, Any]:
+    """Stack latents / framing / text for the slots, with each slot's own seeded noise, timestep and flip."""
+    latents, noise, steps, framing, texts, tokens = [], [], [], [], [], []
     for slot in slots:
         sample = encoded[slot.item]
-        d = draw(cfg.train.seed, epoch, slot.slot, tuple(sample.latents.shape), timesteps, cfg.train.noise_offset)
+        shape = tuple(sample.latents.shape)
+        d = draw(cfg.train.seed, epoch, slot.slot, shape, objective.num_timesteps, cfg.train.noise_offset)
         use_flip = d.flip and sample.latents_flipped is not None
         latents.append(sample.latents_flipped if use_flip else sample.latents)
+        framing.append(sample.framing_flipped if use_flip else sample.framing)
         noise.append(d.noise)
         steps.append(d.timestep)
-        ids.append(sample.input_ids)
+        tokens.append(sample.tokens)
         if sample.text is not None:
             texts.append(sample.text)
-    batch = {
+    batch: dict[str, Any] = {
         "latents": torch.stack(latents),
         "noise": torch.stack(noise),
-        "timesteps": torch.tensor(steps, dtype=torch.long),
-        "input_ids": torch.stack(ids),
+        "timesteps": objective.timesteps(torch.tensor(steps)),
+        "framing": torch.stack(framing),
+        "tokens": {prefix: torch.stack([t[prefix] for t in tokens]) for prefix in tokens[0]},
     }
     if texts:
-        batch["text"] = torch.stack(texts)
+        batch["text"] = {name: torch.stack([t[name] for t in texts]) for name in texts[0]}
     return batch
 
 
@@ -206,7 +208,7 @@ class Trainer:
         self.cfg = cfg
         self.events = events
         self.stop_requested = stop_requested
-        self.family = get_family(cfg.model.family)
+        self.family: ModelFamily | None = None  # read from the base model in setup()
         self.started_at = time.time()
         self.steps_done = self.start_step = 0
         self.last_checkpoint_step = -1
@@ -237,17 +239,20 @@ class Trainer:
             raise FileExistsError(f"{lora_path} exists; set output.overwrite to replace it")
         self.accelerator = acc = make_accelerator(cfg, self.warn)
         self.device = acc.device
+        self.family = family_for(cfg.model)
+        cfg.model.family = self.family.name  # "auto" resolved: the LoRA's metadata names the family
+        cfg.data.resolution = cfg.data.resolution or self.family.default_resolution
         self.items, warnings = load_items(cfg.data)
         for message in warnings:
             self.warn(message)
         check_images(self.items)
         require_batch_fits(cfg, len(self.items), acc.num_processes)
-        self.family.check(cfg.model)
+        self.family.trained_text_encoders(cfg.lora)  # a text encoder the family lacks is refused before loading
         self.check_stop()
-        self.events.emit("loading", model=Path(cfg.model.path).name)
+        self.events.emit("loading", model=Path(cfg.model.path).name, family=self.family.label)
         self.components = self.family.load(cfg.model, weight_dtype(acc))
         self.check_stop()  # loading cannot be interrupted inside; a stop asked meanwhile is honoured here
-        self.components.unet.to(self.device)
+        self.components.denoiser.to(self.device)
         with acc.main_process_first():  # the main process fills the disk cache, the others read it
             self.encoded = encode_dataset(cfg, self.family, self.components, self.items, self.device, self._cached)
         self._truncation_warning()
@@ -258,11 +263,9 @@ class Trainer:
         self.total_steps = total_steps(cfg, self.plan)
         params = add_lora(cfg, self.family, self.components)
         if cfg.train.gradient_checkpointing:
-            self.components.unet.enable_gradient_checkpointing()
-        self.params = params
-        te_params = [p for p in self.components.text_encoder.parameters() if p.requires_grad]
-        unet_params = [p for p in self.components.unet.parameters() if p.requires_grad]
-        optimizer = make_optimizer(cfg, unet_params, te_params, self.device.type == "cuda")
+            self.components.denoiser.enable_gradient_checkpointing()
+        self.params = [p for group in params.values() for p in group]
+        optimizer = make_optimizer(cfg, self.family, params, self.device.type == "cuda")
         schedule = cfg.train.lr_scheduler
         if schedule == "constant" and cfg.train.lr_warmup_steps:
             schedule = "constant_with_warmup"  # diffusers' "constant" ignores warmup steps
@@ -272,9 +275,10 @@ class Trainer:
             num_warmup_steps=cfg.train.lr_warmup_steps,
             num_training_steps=self.total_steps,
         )
-        models = [self.components.unet] + ([self.components.text_encoder] if te_params else [])
-        prepared = acc.prepare(*models, optimizer)
-        self.models, self.optimizer = list(prepared[:-1]), prepared[-1]
+        parts = trained_parts(cfg, self.family, self.components)
+        prepared = acc.prepare(*parts.values(), optimizer)
+        self.models = dict(zip(parts, prepared[:-1], strict=True))  # LoRA prefix -> the prepared model
+        self.optimizer = prepared[-1]
         self.start_step = self.steps_done = self._resume()
         self.events.emit(
             "start",
@@ -286,7 +290,8 @@ class Trainer:
             processes=acc.num_processes,
             device=str(self.device),
             mixed_precision=acc.mixed_precision,
-            trainable_parameters=sum(p.numel() for p in params),
+            family=self.family.label,
+            trainable_parameters=sum(p.numel() for p in self.params),
         )
 
     def _cached(self, done: int, total: int, hits: int) -> None:
@@ -294,7 +299,7 @@ class Trainer:
         self.check_stop()
 
     def _truncation_warning(self) -> None:
-        tokenizer, limit = self.components.tokenizer, self.family.max_tokens
+        tokenizer, limit = next(iter(self.components.tokenizers.values())), self.family.max_tokens
         long = sum(len(tokenizer(item.caption).input_ids) > limit for item in self.items)
         if long:
             self.warn(f"{long} caption(s) longer than {limit} tokens were truncated")
@@ -307,10 +312,10 @@ class Trainer:
         c = self.components
         away = "cpu" if self.cfg.sample.prompts else "meta"
         c.vae.to(away)
-        if not self.cfg.lora.train_text_encoder:
-            c.text_encoder.to(away)
-        else:
-            c.text_encoder.to(self.device)
+        trained = self.family.trained_text_encoders(self.cfg.lora)
+        for encoder in c.text_encoders.values():
+            # with a text encoder training, captions are encoded every step: the frozen one is needed too
+            encoder.to(self.device if trained else away)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -322,11 +327,12 @@ class Trainer:
         if newest is None:
             return 0
         state = load_checkpoint(newest)
-        unet_sd = {k[len("unet.") :]: v for k, v in state["adapter"].items() if k.startswith("unet.")}
-        te_sd = {k[len("text_encoder.") :]: v for k, v in state["adapter"].items() if k.startswith("text_encoder.")}
-        set_peft_model_state_dict(self.components.unet, unet_sd)
-        if te_sd:
-            set_peft_model_state_dict(self.components.text_encoder, te_sd)
+        for prefix, model in trained_parts(cfg, self.family, self.components).items():
+            weights = {k[len(prefix) + 1 :]: v for k, v in state["adapter"].items() if k.startswith(f"{prefix}.")}
+            if not weights:
+                raise RuntimeError(f"{newest} holds no adapter weights for {prefix}: it was saved by another "
+                                   "setup of this run; delete the run folder's checkpoints to start over")
+            set_peft_model_state_dict(model, weights)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict({k: v for k, v in state["scheduler"].items() if v is not None})
         if state["scaler"] and self.accelerator.scaler is not None:
@@ -338,13 +344,12 @@ class Trainer:
     # ---- the step loop ---------------------------------------------------------------------------
     def train(self) -> Path:
         cfg, acc, t = self.cfg, self.accelerator, self.cfg.train
-        scheduler = self.components.noise_scheduler
-        prediction_type = scheduler.config.prediction_type
+        objective = self.components.objective
         accum = t.gradient_accumulation_steps
         rank, world, local = acc.process_index, acc.num_processes, t.batch_size
         bar = tqdm(total=self.total_steps, initial=self.start_step, desc="training", disable=not acc.is_main_process)
         smoothed, last_time, batches_cache = None, time.time(), {}
-        for model in self.models:
+        for model in self.models.values():
             model.train()
         step = self.start_step
         for step in range(self.start_step, self.total_steps):
@@ -356,19 +361,19 @@ class Trainer:
                 if epoch not in batches_cache:
                     batches_cache = {epoch: self.plan.batches(epoch)}
                 slots = batches_cache[epoch][index][rank * local : (rank + 1) * local]
-                batch = assemble_batch(cfg, self.encoded, slots, epoch, scheduler.config.num_train_timesteps)
+                batch = assemble_batch(cfg, self.encoded, slots, epoch, objective)
                 latents, noise = batch["latents"].to(self.device), batch["noise"].to(self.device)
                 timesteps = batch["timesteps"].to(self.device)
-                noisy = scheduler.add_noise(latents, noise, timesteps)
-                target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+                noisy = objective.noisy(latents, noise, timesteps)
+                target = objective.target(latents, noise, timesteps)
                 syncing = micro == accum - 1
                 with contextlib.ExitStack() as stack:
                     if not syncing:
-                        for model in self.models:
+                        for model in self.models.values():
                             stack.enter_context(acc.no_sync(model))
-                    text = batch["text"].to(self.device) if "text" in batch else self._encode_text(batch)
-                    pred = self.family.predict(self.models[0], noisy, timesteps, text)
-                    loss = denoising_loss(pred, target, timesteps, scheduler, t.min_snr_gamma)
+                    text = self._text(batch)
+                    pred = self.family.predict(self.models[DENOISER], noisy, timesteps, text, batch["framing"])
+                    loss = denoising_loss(pred, target, objective.loss_weights(timesteps, t.min_snr_gamma))
                     acc.backward(loss / accum)
                 losses.append(loss.detach())
             grad_norm = acc.clip_grad_norm_(self.params, t.max_grad_norm) if t.max_grad_norm else None
@@ -411,18 +416,22 @@ class Trainer:
             self.sample(self.total_steps)
         return path
 
-    def _encode_text(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.family.encode_text(self.models[1], batch["input_ids"].to(self.device))
+    def _text(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The batch's prompt encoding: from the cache, or, with a text encoder training, encoded now (the
+        trained encoders as prepared for training, the frozen ones as loaded)."""
+        if "text" in batch:
+            return {name: value.to(self.device) for name, value in batch["text"].items()}
+        encoders = {prefix: self.models.get(prefix, encoder) for prefix, encoder in
+                    self.components.text_encoders.items()}
+        tokens = {prefix: ids.to(self.device) for prefix, ids in batch["tokens"].items()}
+        return self.family.encode_prompt(encoders, tokens)
 
     # ---- outputs ---------------------------------------------------------------------------------
-    def _unwrapped(self) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-        unet = self.accelerator.unwrap_model(self.models[0])
-        te = self.accelerator.unwrap_model(self.models[1]) if len(self.models) > 1 else None
-        return unet, te
+    def _unwrapped(self) -> dict[str, torch.nn.Module]:
+        return {prefix: self.accelerator.unwrap_model(model) for prefix, model in self.models.items()}
 
     def _lora_tensors(self) -> dict[str, torch.Tensor]:
-        unet, te = self._unwrapped()
-        return kohya_state_dict(unet, te, alpha=self.cfg.lora.alpha, prefixes=self.family.lora_prefixes)
+        return kohya_state_dict(self._unwrapped(), self.family, alpha=self.cfg.lora.alpha)
 
     def _base_hashes(self) -> dict[str, str]:
         # hashing a multi-GB base model file takes seconds: once per run
@@ -445,7 +454,7 @@ class Trainer:
             batches_per_epoch=self.plan.batches_per_epoch,
             bucket_counts={(w * 8, h * 8): n for (h, w), n in latent_sizes.items()},
             base_hashes=self._base_hashes(),
-            prediction_type=self.components.noise_scheduler.config.prediction_type,
+            prediction_type=self.components.objective.prediction_type,
             tensors=tensors,
         )
         save_lora_file(path, tensors, metadata, overwrite=overwrite)
@@ -456,10 +465,8 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         if acc.is_main_process:
-            unet, te = self._unwrapped()
-            adapter = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
-            if te is not None:
-                adapter |= {f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(te).items()}
+            adapter = {f"{prefix}.{k}": v for prefix, model in self._unwrapped().items()
+                       for k, v in get_peft_model_state_dict(model).items()}
             self.events.emit("saving", step=step)
             folder = save_checkpoint(
                 self.cfg.run_dir,
@@ -483,10 +490,10 @@ class Trainer:
         self.sampled_steps.add(step)
         if acc.is_main_process:
             self.events.emit("sampling", step=step, prompts=len(self.cfg.sample.prompts))
-            unet, _ = self._unwrapped()
+            denoiser = self._unwrapped()[DENOISER]
             precision = weight_dtype(acc)
             try:
-                for path in render_samples(self.cfg, self.family, self.components, unet, self.device, step,
+                for path in render_samples(self.cfg, self.family, self.components, denoiser, self.device, step,
                                            precision, self.stop_requested):
                     self.events.emit("sample", step=step, path=str(path))
             except Exception as exc:  # noqa: BLE001 - any sampling failure must not cost the training

@@ -31,8 +31,6 @@ from .families.base import ModelFamily
 
 ADAPTER = "default"
 KOHYA_NETWORK_MODULE = "networks.lora"
-# kohya's sai_model_spec writes "diffusers" as the implementation of SD v1/v2 LoRAs
-MODELSPEC_IMPLEMENTATION = "diffusers"
 MODELSPEC_VERSION = "1.0.1"  # kohya's sai_model_spec BASE_METADATA
 HASHED_PREFIX = "ss_"  # kohya hashes the tensors saved with only these keys (see addnet_hashes)
 LEGACY_HASH_OFFSET, LEGACY_HASH_LENGTH = 0x100000, 0x10000  # A1111's old hash: 64 KiB at 1 MiB
@@ -44,38 +42,24 @@ BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 def kohya_state_dict(
-    unet: torch.nn.Module,
-    text_encoder: torch.nn.Module | None = None,
+    parts: Mapping[str, torch.nn.Module],
+    family: ModelFamily,
     *,
     alpha: float,
-    prefixes: dict[str, str],
     adapter: str = ADAPTER,
 ) -> dict[str, torch.Tensor]:
-    """The kohya-format tensors (fp32, contiguous, CPU) of the peft LoRA layers of an unwrapped UNet and,
-    when given, text encoder. Raises ValueError when a layer cannot be written faithfully."""
+    """The kohya-format tensors (fp32, contiguous, CPU) of the peft LoRA layers of unwrapped models, given by
+    their LoRA prefix (`family.kohya_name` names each layer). Raises ValueError when a layer cannot be written
+    faithfully."""
     tensors: dict[str, torch.Tensor] = {}
-    parts = [("unet", unet, _unet_path)]
-    if text_encoder is not None:
-        parts.append(("text_encoder", text_encoder, _text_encoder_path))
-    for part, model, kohya_path in parts:
-        _check_init(model, part, adapter)
+    for prefix, model in parts.items():
+        _check_init(model, prefix, adapter)
         layers = list(_lora_layers(model, adapter))
         if not layers:
-            raise ValueError(f"no LoRA layers (adapter {adapter!r}) found in the {part}")
+            raise ValueError(f"no LoRA layers (adapter {adapter!r}) found in {prefix}")
         for path, layer in layers:
-            name = f"{prefixes[part]}_{kohya_path(path).replace('.', '_')}"
-            tensors.update(_layer_tensors(name, layer, adapter, alpha))
+            tensors.update(_layer_tensors(family.kohya_name(prefix, model, path), layer, adapter, alpha))
     return tensors
-
-
-def _unet_path(path: str) -> str:
-    return path
-
-
-def _text_encoder_path(path: str) -> str:
-    # transformers 5 flattened CLIPTextModel (its modules are `encoder.layers...`, no `text_model.`);
-    # kohya names keep the original checkpoint layout `text_model.encoder.layers...`.
-    return path if path.startswith("text_model.") else f"text_model.{path}"
 
 
 def _check_init(model: torch.nn.Module, part: str, adapter: str) -> None:
@@ -258,7 +242,7 @@ def _kohya_network(cfg: RunConfig) -> dict[str, Any]:
         "ss_network_dim": lo.rank,
         "ss_network_alpha": lo.alpha,
         "ss_network_dropout": lo.dropout,
-        "ss_network_train_unet_only": not lo.train_text_encoder,
+        "ss_network_train_unet_only": not (lo.train_text_encoder or lo.train_text_encoder_2),
         "ss_network_train_text_encoder_only": False,
     }
     if lo.targets == "all":
@@ -269,7 +253,8 @@ def _kohya_network(cfg: RunConfig) -> dict[str, Any]:
 
 def _kohya_training(cfg: RunConfig, *, steps: int, max_train_steps: int) -> dict[str, Any]:
     t = cfg.train
-    te_lr = (t.text_encoder_learning_rate or t.learning_rate) if cfg.lora.train_text_encoder else None
+    trains_text = cfg.lora.train_text_encoder or cfg.lora.train_text_encoder_2
+    te_lr = (t.text_encoder_learning_rate or t.learning_rate) if trains_text else None
     return {
         "ss_learning_rate": t.learning_rate,
         "ss_unet_lr": t.learning_rate,
@@ -289,6 +274,7 @@ def _kohya_training(cfg: RunConfig, *, steps: int, max_train_steps: int) -> dict
         "ss_max_train_steps": max_train_steps,
         "ss_clip_skip": None,  # the last CLIP layer is used; kohya writes str(None) when clip skip is unset
         "ss_v2": False,
+        "ss_zero_terminal_snr": cfg.model.zero_terminal_snr,
     }
 
 
@@ -371,7 +357,7 @@ def _modelspec(
     return {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": family.modelspec_architecture,
-        "modelspec.implementation": MODELSPEC_IMPLEMENTATION,
+        "modelspec.implementation": family.modelspec_implementation,
         "modelspec.title": _title(cfg),
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": datetime.fromtimestamp(finished_at, tz=timezone.utc).isoformat(timespec="seconds"),

@@ -89,11 +89,23 @@ def save_checkpoint(
     return final
 
 
+# checkpoints of SD 1.5 runs written before the parts were named by their LoRA prefix
+_LEGACY_PART_NAMES = {"unet.": "lora_unet.", "text_encoder.": "lora_te."}
+
+
+def _current_names(adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    renamed = {}
+    for key, value in adapter.items():
+        old = next((prefix for prefix in _LEGACY_PART_NAMES if key.startswith(prefix)), None)
+        renamed[_LEGACY_PART_NAMES[old] + key[len(old):] if old else key] = value
+    return renamed
+
+
 def load_checkpoint(folder: Path) -> dict[str, Any]:
     state = json.loads((folder / "state.json").read_text())
     return {
         "step": state["step"],
-        "adapter": load_file(folder / "adapter.safetensors"),
+        "adapter": _current_names(load_file(folder / "adapter.safetensors")),
         "optimizer": optimizer_from_files(load_file(folder / "optimizer.safetensors"), state["optimizer"]),
         "scheduler": state["scheduler"],
         "scaler": state["scaler"],

@@ -1,4 +1,4 @@
-"""Validation samples: the training UNet (LoRA active) rendering fixed prompts with a fixed seed."""
+"""Validation samples: the training denoiser (LoRA active) rendering fixed prompts with a fixed seed."""
 
 from __future__ import annotations
 
@@ -16,24 +16,25 @@ def render_samples(
     cfg: RunConfig,
     family: ModelFamily,
     components: Components,
-    unet: torch.nn.Module,
+    denoiser: torch.nn.Module,
     device: torch.device,
     step: int,
     weight_dtype: torch.dtype = torch.float32,
     stop_requested: Callable[[], bool] = lambda: False,
 ) -> list[Path]:
-    """Render every validation prompt; a stop asked meanwhile ends the sampling after the current denoising
-    step, keeping the pictures already drawn."""
+    """Render every validation prompt with the training denoiser (LoRA active); a stop asked meanwhile ends the
+    sampling after the current denoising step, keeping the pictures already drawn."""
     s = cfg.sample
     width, height = s.width or cfg.data.resolution, s.height or cfg.data.resolution
     out_dir = Path(cfg.run_dir) / "samples"
     out_dir.mkdir(parents=True, exist_ok=True)
     components.vae.to(device)
-    components.text_encoder.to(device)
-    pipe = family.sampling_pipeline(components, unet)
+    for encoder in components.text_encoders.values():
+        encoder.to(device)
+    pipe = family.sampling_pipeline(components, denoiser)
     pipe.set_progress_bar_config(disable=True)
-    was_training = unet.training
-    unet.train(False)
+    was_training = denoiser.training
+    denoiser.train(False)
     paths = []
     # The frozen weights are 16-bit and the LoRA weights fp32: only autocast makes every op (the VAE decode
     # included) see one dtype. On the CPU autocast has bf16 only; fp16 never reaches here on the CPU.
@@ -72,9 +73,10 @@ def render_samples(
             image.save(path, pnginfo=info)
             paths.append(path)
     finally:
-        unet.train(was_training)
-        if not cfg.lora.train_text_encoder:
-            components.text_encoder.to("cpu")
+        denoiser.train(was_training)
+        if not family.trained_text_encoders(cfg.lora):  # else every encoder encodes each step's captions
+            for encoder in components.text_encoders.values():
+                encoder.to("cpu")
         components.vae.to("cpu")
     return paths
 

@@ -1,8 +1,11 @@
-"""Model families. `get_family(name)` returns the family object for a config's `model.family`."""
+"""Model families. `family_for(model)` returns the family that trains a config's base model: the one its
+`model.family` names, or, for "auto", the one detected from the weights (detect.py)."""
 
 from __future__ import annotations
 
-from .base import Components, ModelFamily
+from ..config import ModelConfig
+from .base import DENOISER, Components, ModelFamily, Objective
+from .detect import FAMILY_LABELS, TRAINED_NAMES, UnsupportedModelError, detect_family, require_family
 
 
 def get_family(name: str) -> ModelFamily:
@@ -10,7 +13,28 @@ def get_family(name: str) -> ModelFamily:
         from .sd15 import SD15
 
         return SD15
+    if name == "sdxl":
+        from .sdxl import SDXL
+
+        return SDXL
     raise ValueError(f"unknown model family {name!r}")
 
 
-__all__ = ["Components", "ModelFamily", "get_family"]
+def family_resolutions() -> str:
+    """Each family's own training resolution, for the nodes' tooltips: "SD 1.5: 512, SDXL: 1024"."""
+    return ", ".join(f"{FAMILY_LABELS[name]}: {get_family(name).default_resolution}" for name in FAMILY_LABELS)
+
+
+def family_for(model: ModelConfig) -> ModelFamily:
+    """The family of the base model; UnsupportedModelError when no family trains it, or when the file is of
+    another family than the config names."""
+    if model.family == "auto":
+        return get_family(detect_family(model.path))
+    require_family(model.path, model.family)
+    return get_family(model.family)
+
+
+__all__ = [
+    "DENOISER", "FAMILY_LABELS", "TRAINED_NAMES", "Components", "ModelFamily", "Objective", "UnsupportedModelError",
+    "detect_family", "family_for", "family_resolutions", "get_family",
+]

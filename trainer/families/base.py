@@ -1,35 +1,82 @@
-"""What differs per model family, behind one small interface: a family is one module implementing it."""
+"""What differs per model family, behind one interface: a family is one module implementing `ModelFamily`.
+
+The loop knows a family only through this file. A family names its trainable parts by their LoRA prefix
+(`lora_unet` → the UNet or transformer, `lora_te1` / `lora_te2` → text encoders ...); the adapters, the
+optimizer's groups, checkpoints, resume, the kohya writer and freeing memory all iterate over those parts.
+Prompt encodings are dicts of tensors (hidden states, pooled output ...), cached as they are; each sample
+carries its framing (original size, crop, target size) for families that condition on it; and the family owns
+its noise schedule and training target (`Objective`).
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..config import ModelConfig
+from ..config import LoraConfig, ModelConfig, TrainConfig
+
+DENOISER = "lora_unet"  # the LoRA prefix of the denoiser in every family's kohya keys
+
+
+class Objective(ABC):
+    """The noise schedule and the training target of a family: what the denoiser learns to predict."""
+
+    num_timesteps: int
+
+    @abstractmethod
+    def timesteps(self, drawn: torch.Tensor) -> torch.Tensor:
+        """The timesteps the denoiser sees for integers drawn uniformly from [0, num_timesteps)."""
+
+    @abstractmethod
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The latents with noise added at each sample's timestep."""
+
+    @abstractmethod
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the prediction is compared with."""
+
+    @abstractmethod
+    def loss_weights(self, timesteps: torch.Tensor, min_snr_gamma: float) -> torch.Tensor | None:
+        """Per-sample loss weights (min-SNR and the like), or None for a plain mean."""
+
+    @property
+    @abstractmethod
+    def prediction_type(self) -> str:
+        """What the model predicts, as modelspec and kohya metadata name it ("epsilon", "v_prediction" ...)."""
 
 
 @dataclass
 class Components:
-    unet: torch.nn.Module
+    """The loaded, frozen model of one family: every part on the CPU, each in its own dtype."""
+
+    denoiser: torch.nn.Module  # the UNet or transformer
     vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: Any
-    noise_scheduler: Any  # a diffusers DDPMScheduler configured for training
-    source_hash_inputs: list[str]  # files whose bytes identify the VAE + text encoder (cache key)
-    # for a single file that also holds the UNet: the tensor-name prefixes of the VAE + text encoder, so
+    text_encoders: dict[str, torch.nn.Module]  # LoRA prefix -> text encoder, in the family's order
+    tokenizers: dict[str, Any]  # LoRA prefix of the encoder it feeds -> tokenizer
+    objective: Objective
+    source_hash_inputs: list[str]  # files whose bytes identify the VAE + text encoders (cache key)
+    # for a single file that also holds the denoiser: the tensor-name prefixes of the VAE + text encoders, so
     # only their bytes are hashed (empty: hash the whole files)
     source_hash_prefixes: tuple[str, ...] = ()
+    extras: dict[str, Any] = field(default_factory=dict)  # what a family keeps for sampling (scheduler config)
+
+    def parts(self) -> dict[str, torch.nn.Module]:
+        """Every model, by LoRA prefix: the denoiser first, then the text encoders."""
+        return {DENOISER: self.denoiser, **self.text_encoders}
 
 
 class ModelFamily(ABC):
-    name: str
+    name: str  # the config's model.family
+    label: str  # what users call it, in messages
     base_model_version: str  # ss_base_model_version, as kohya writes it
     modelspec_architecture: str  # modelspec.architecture of a LoRA for this family
-    max_tokens: int  # the text encoder's context, start and end tokens included
-    lora_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te"}
+    modelspec_implementation: str  # modelspec.implementation, as kohya's sai_model_spec writes it
+    max_tokens: int  # the text encoders' context, start and end tokens included
+    default_resolution: int  # the side of the square bucket the family was trained at
+    text_encoder_names: dict[str, str]  # LoRA prefix -> what users call that encoder
 
     @abstractmethod
     def check(self, model: ModelConfig) -> None:
@@ -37,30 +84,59 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def load(self, model: ModelConfig, dtype: torch.dtype) -> Components:
-        """Load the frozen components on the CPU in `dtype`, offline."""
+        """Load the frozen components on the CPU, offline: the denoiser and text encoders in `dtype`, the VAE in
+        the dtype it is exact in."""
+
+    def trained_text_encoders(self, lora: LoraConfig) -> list[str]:
+        """The prefixes of the text encoders the config trains, in the family's order."""
+        chosen = [lora.train_text_encoder, lora.train_text_encoder_2]
+        prefixes = list(self.text_encoder_names)
+        wanted = [prefix for prefix, on in zip(prefixes, chosen, strict=False) if on]
+        if lora.train_text_encoder_2 and len(prefixes) < 2:
+            raise ValueError(f"lora.train_text_encoder_2: {self.label} has one text encoder")
+        return wanted
+
+    def learning_rate(self, prefix: str, train: TrainConfig) -> float:
+        """The learning rate of one trainable part: the text encoders may have their own."""
+        if prefix == DENOISER:
+            return train.learning_rate
+        first = train.text_encoder_learning_rate or train.learning_rate
+        if list(self.text_encoder_names).index(prefix) == 1:
+            return train.text_encoder_2_learning_rate or first
+        return first
 
     @abstractmethod
-    def tokenize(self, tokenizer: Any, captions: list[str]) -> torch.Tensor:
-        """Token ids, padded/truncated to the text encoder's context."""
+    def targets(self, prefix: str, preset: str) -> list[str] | str:
+        """peft target_modules of one trainable part for a target preset."""
 
     @abstractmethod
-    def encode_text(self, text_encoder: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        """The UNet's conditioning for the given token ids."""
+    def kohya_name(self, prefix: str, model: torch.nn.Module, module_path: str) -> str:
+        """The kohya key stem (`lora_unet_...`) of a module of one part (`model`), as ComfyUI, A1111/Forge and
+        kohya read it for this family."""
+
+    @abstractmethod
+    def tokenize(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Token ids for each text encoder (encoder prefix -> (batch, tokens)), padded/truncated to the context."""
+
+    @abstractmethod
+    def encode_prompt(
+        self, text_encoders: dict[str, torch.nn.Module], tokens: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """What the denoiser is conditioned on, as named tensors with a batch dimension first. The tokens are on
+        the encoders' device already (an encoder may be wrapped for distributed training)."""
 
     @abstractmethod
     def predict(
-        self, unet: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor
+        self,
+        denoiser: torch.nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        text: dict[str, torch.Tensor],
+        framing: torch.Tensor,
     ) -> torch.Tensor:
-        """The UNet's prediction (noise or velocity) for a batch."""
+        """The denoiser's prediction for a batch; `framing` is (batch, 6): original height and width, crop top
+        and left, target height and width, in pixels."""
 
     @abstractmethod
-    def unet_targets(self, preset: str) -> list[str] | str:
-        """peft target_modules for the UNet and a target preset."""
-
-    @abstractmethod
-    def text_encoder_targets(self, preset: str) -> list[str]:
-        """peft target_modules for the text encoder and a target preset."""
-
-    @abstractmethod
-    def sampling_pipeline(self, components: Components, unet: torch.nn.Module) -> Any:
+    def sampling_pipeline(self, components: Components, denoiser: torch.nn.Module) -> Any:
         """A diffusers pipeline for validation samples built from the loaded components."""

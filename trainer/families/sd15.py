@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..checkpoint import is_diffusers_folder, require_sd15, stored_float_dtype
 from ..config import ModelConfig
-from .base import Components, ModelFamily
+from ..weights import stored_float_dtype
+from .base import DENOISER, Components, ModelFamily
+from .ddpm import DDPMObjective
+from .detect import is_diffusers_folder, require_family
+from .tokenizers import clip_tokenizer, find_tokenizer_dir, tokenize
 
 CONFIG_DIR = Path(__file__).parent / "sd15_config"
-PACK_ROOT = Path(__file__).absolute().parents[2]
+TEXT_ENCODER = "lora_te"
 
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 UNET_FEED_FORWARD = ["ff.net.0.proj", "ff.net.2"]
@@ -38,70 +40,34 @@ ENCODER_PREFIXES = ("first_stage_model.", "cond_stage_model.")  # VAE and text e
 STORED_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def tokenizer_search_path(model: ModelConfig) -> list[Path]:
-    """Where the CLIP tokenizer files are looked for, first match wins.
-
-    1. `model.tokenizer_dir` from the config;
-    2. a diffusers base model's own `tokenizer/` folder;
-    3. `$LORA_FOUNDRY_TOKENIZER_DIR`;
-    4. ComfyUI's copy, `comfy/sd1_tokenizer`: of `$COMFYUI_DIR`, of the ComfyUI this pack sits in
-       (`ComfyUI/custom_nodes/<pack>/`), and of the one `scripts/setup.sh` installs (`.runtime/ComfyUI`).
-    """
-    candidates = []
-    if model.tokenizer_dir:
-        candidates.append(Path(model.tokenizer_dir))
-    if is_diffusers_folder(model.path):
-        candidates.append(Path(model.path) / "tokenizer")
-    if os.environ.get("LORA_FOUNDRY_TOKENIZER_DIR"):
-        candidates.append(Path(os.environ["LORA_FOUNDRY_TOKENIZER_DIR"]))
-    comfy_roots = [Path(os.environ["COMFYUI_DIR"])] if os.environ.get("COMFYUI_DIR") else []
-    comfy_roots += [PACK_ROOT.parent.parent, PACK_ROOT / ".runtime" / "ComfyUI"]
-    candidates += [root / "comfy" / "sd1_tokenizer" for root in comfy_roots]
-    return candidates
-
-
-def find_tokenizer_dir(model: ModelConfig) -> Path:
-    candidates = tokenizer_search_path(model)
-    for folder in candidates:
-        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            return folder
-    looked = "\n".join(f"  {c}" for c in candidates)
-    raise FileNotFoundError(
-        "CLIP tokenizer files (vocab.json, merges.txt) not found. Set model.tokenizer_dir or "
-        f"LORA_FOUNDRY_TOKENIZER_DIR to a folder holding them (ComfyUI has one: comfy/sd1_tokenizer). "
-        f"Looked in:\n{looked}"
-    )
-
-
 class SD15Family(ModelFamily):
     name = "sd15"
+    label = "SD 1.5"
     base_model_version = "sd_v1"
     modelspec_architecture = "stable-diffusion-v1/lora"
+    modelspec_implementation = "diffusers"  # what kohya writes for SD v1/v2 LoRAs
     max_tokens = TOKENS
+    default_resolution = 512
+    text_encoder_names = {TEXT_ENCODER: "text encoder"}
 
     def check(self, model: ModelConfig) -> None:
-        require_sd15(model.path)
+        require_family(model.path, self.name)
 
     def load(self, model: ModelConfig, dtype: torch.dtype) -> Components:
-        from diffusers import DDPMScheduler
-        from transformers import CLIPTokenizer
-
         self.check(model)
-        tokenizer = CLIPTokenizer.from_pretrained(find_tokenizer_dir(model), local_files_only=True)
-        tokenizer.model_max_length = self.max_tokens  # diffusers pipelines pad prompts to this
+        tokenizer = clip_tokenizer(find_tokenizer_dir(model), self.max_tokens)
         if is_diffusers_folder(model.path):
             unet, vae, text_encoder, scheduler_dir = self._load_folder(Path(model.path), dtype)
             hash_inputs, hash_prefixes = _weight_files(Path(model.path), ("vae", "text_encoder")), ()
         else:
             unet, vae, text_encoder = self._load_single_file(model.path, tokenizer, dtype)
             scheduler_dir, hash_inputs, hash_prefixes = CONFIG_DIR / "scheduler", [model.path], ENCODER_PREFIXES
-        scheduler = DDPMScheduler.from_pretrained(scheduler_dir, local_files_only=True)
-        if model.prediction_type:
-            scheduler.register_to_config(prediction_type=model.prediction_type)
         for module in (unet, vae, text_encoder):
             module.requires_grad_(False)
             module.train(False)
-        return Components(unet, vae, text_encoder, tokenizer, scheduler, hash_inputs, hash_prefixes)
+        objective = DDPMObjective.from_config_dir(scheduler_dir, model)
+        return Components(unet, vae, {TEXT_ENCODER: text_encoder}, {TEXT_ENCODER: tokenizer}, objective,
+                          hash_inputs, hash_prefixes)
 
     @staticmethod
     def _load_folder(path: Path, dtype: torch.dtype) -> tuple[Any, Any, Any, Path]:
@@ -140,46 +106,59 @@ class SD15Family(ModelFamily):
             module.to(dtype)  # parameter by parameter: each 16-bit copy is freed as its fp32 one appears
         return models
 
-    def tokenize(self, tokenizer: Any, captions: list[str]) -> torch.Tensor:
-        return tokenizer(
-            captions,
-            max_length=self.max_tokens,
-            padding="max_length",
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+    def tokenize(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
+        return {TEXT_ENCODER: tokenize(components.tokenizers[TEXT_ENCODER], captions, self.max_tokens)}
 
-    def encode_text(self, text_encoder: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        return text_encoder(input_ids.to(text_encoder.device), return_dict=False)[0]
+    def encode_prompt(
+        self, text_encoders: dict[str, torch.nn.Module], tokens: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        encoder = text_encoders[TEXT_ENCODER]
+        return {"hidden": encoder(tokens[TEXT_ENCODER], return_dict=False)[0]}
 
     def predict(
-        self, unet: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor
+        self,
+        denoiser: torch.nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        text: dict[str, torch.Tensor],
+        framing: torch.Tensor,
     ) -> torch.Tensor:
-        return unet(noisy, timesteps, encoder_hidden_states=text, return_dict=False)[0]
+        return denoiser(noisy, timesteps, encoder_hidden_states=text["hidden"], return_dict=False)[0]
 
-    def unet_targets(self, preset: str) -> list[str] | str:
-        return {
-            "attention": UNET_ATTENTION,
-            "attention_ff": UNET_ATTENTION + UNET_FEED_FORWARD,
-            "all": UNET_ALL,
-        }[preset]
+    def targets(self, prefix: str, preset: str) -> list[str] | str:
+        return clip_unet_targets(prefix, preset)
 
-    def text_encoder_targets(self, preset: str) -> list[str]:
-        return TEXT_ATTENTION if preset == "attention" else TEXT_ATTENTION + TEXT_MLP
+    def kohya_name(self, prefix: str, model: torch.nn.Module, module_path: str) -> str:
+        return f"{prefix}_{kohya_text_path(module_path) if prefix != DENOISER else module_path}".replace(".", "_")
 
-    def sampling_pipeline(self, components: Components, unet: torch.nn.Module) -> Any:
+    def sampling_pipeline(self, components: Components, denoiser: torch.nn.Module) -> Any:
         from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
         return StableDiffusionPipeline(
             vae=components.vae,
-            text_encoder=components.text_encoder,
-            tokenizer=components.tokenizer,
-            unet=unet,
-            scheduler=EulerDiscreteScheduler.from_config(components.noise_scheduler.config),
+            text_encoder=components.text_encoders[TEXT_ENCODER],
+            tokenizer=components.tokenizers[TEXT_ENCODER],
+            unet=denoiser,
+            scheduler=EulerDiscreteScheduler.from_config(components.objective.scheduler.config),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
         )
+
+
+def clip_unet_targets(prefix: str, preset: str) -> list[str] | str:
+    """peft target_modules of a diffusers UNet (the denoiser) or a CLIP text encoder, per preset: the same
+    layer names in every family built of them (SD 1.5, SDXL)."""
+    if prefix == DENOISER:
+        return {"attention": UNET_ATTENTION, "attention_ff": UNET_ATTENTION + UNET_FEED_FORWARD,
+                "all": UNET_ALL}[preset]
+    return TEXT_ATTENTION if preset == "attention" else TEXT_ATTENTION + TEXT_MLP
+
+
+def kohya_text_path(path: str) -> str:
+    """transformers 5 flattened CLIPTextModel (its modules are `encoder.layers...`, no `text_model.`); kohya
+    names keep the original checkpoint layout `text_model.encoder.layers...`."""
+    return path if path.startswith("text_model.") else f"text_model.{path}"
 
 
 def _weight_files(root: Path, subfolders: tuple[str, ...]) -> list[str]:

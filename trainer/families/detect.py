@@ -1,8 +1,9 @@
-"""Tells what kind of base model a checkpoint file or diffusers folder holds, without loading it.
+"""Tells which model family a checkpoint file or diffusers folder holds, without loading it.
 
 Only tensor names and a few shapes are read (safetensors headers, or a memory-mapped torch.load), so
-checking a multi-gigabyte file costs milliseconds. `require_sd15` turns anything that is not a complete
-SD 1.x model into an `UnsupportedModelError` whose message names the file and what it looks like.
+checking a multi-gigabyte file costs milliseconds. `detect_family` names the family to train with, and
+turns anything no family trains into an `UnsupportedModelError` whose message names the file and what it
+looks like (SD 2.x, SD 3, FLUX ... are refused by name until their family exists).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
-COMPONENT_LABELS = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder"}
 
 
 class UnsupportedModelError(ValueError):
@@ -34,30 +34,41 @@ class CheckpointKind:
     key: str
     name: str
     article: str = "an"
-    planned: bool = False
+    family: str | None = None  # the family module that trains it (None: no family does yet)
+    # the components a complete model of this kind holds, as (component, what users call it)
+    components: tuple[tuple[str, str], ...] = ()
 
     def __str__(self) -> str:
         return self.name
 
 
-SD1 = CheckpointKind("sd1", "SD 1.x")
+SD_COMPONENTS = (("unet", "UNet"), ("vae", "VAE"), ("text_encoder", "text encoder"))
+SDXL_COMPONENTS = (("unet", "UNet"), ("vae", "VAE"), ("text_encoder", "text encoder"),
+                   ("text_encoder_2", "second text encoder"))
+SD1 = CheckpointKind("sd1", "SD 1.x", family="sd15", components=SD_COMPONENTS)
 SD1_INPAINT = CheckpointKind("sd1_inpaint", "SD 1.x inpainting")
 SD2 = CheckpointKind("sd2", "SD 2.x")
-SDXL = CheckpointKind("sdxl", "SDXL", planned=True)
+SDXL = CheckpointKind("sdxl", "SDXL", family="sdxl", components=SDXL_COMPONENTS)
+SDXL_DISTILLED = CheckpointKind("sdxl_distilled", "distilled SDXL (SSD-1B, Vega or KOALA)", article="a")
 SDXL_REFINER = CheckpointKind("sdxl_refiner", "SDXL refiner")
 SD3 = CheckpointKind("sd3", "SD 3")
 FLUX = CheckpointKind("flux", "Flux", article="a")
 LORA = CheckpointKind("lora", "LoRA", article="a")
 UNKNOWN = CheckpointKind("unknown", "unknown")
+TRAINED = (SD1, SDXL)
+FAMILY_LABELS = {"sd15": "SD 1.5", "sdxl": "SDXL"}  # the family modules' labels, for messages
+TRAINED_NAMES = " and ".join(FAMILY_LABELS[kind.family] for kind in TRAINED)
 
 # Cross-attention context width of a UNet's attn2.to_k -> model family
 CONTEXT_DIMS = {768: SD1, 1024: SD2, 2048: SDXL, 1280: SDXL_REFINER}
+# a tensor only the full SDXL base UNet has: the tenth transformer block of its deepest level
+SDXL_FULL_DEPTH_KEY = UNET_PREFIX + "input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight"
 
 
 @dataclass(frozen=True)
 class _Inspection:
     kind: CheckpointKind
-    components: frozenset[str]  # of "unet", "vae", "text_encoder"
+    components: frozenset[str]  # of "unet", "vae", "text_encoder", "text_encoder_2"
 
 
 def describe_checkpoint(path: PathLike) -> CheckpointKind:
@@ -78,35 +89,51 @@ def is_diffusers_folder(path: PathLike) -> bool:
     return any((folder / marker).is_file() for marker in markers)
 
 
-def require_sd15(path: PathLike) -> None:
-    """Raises UnsupportedModelError unless `path` is a complete SD 1.x model (UNet, VAE, text encoder)."""
+def detect_family(path: PathLike) -> str:
+    """The name of the family that trains the complete model at `path`; UnsupportedModelError naming what it
+    looks like otherwise."""
     path = Path(path)
     inspection = _inspect(path)
     kind = inspection.kind
-    if kind == SD1:
-        _require_components(path, inspection.components)
-        return
-    raise UnsupportedModelError(_rejection_message(path, kind))
+    if kind.family is None:
+        raise UnsupportedModelError(_rejection_message(path, kind))
+    _require_components(path, kind, inspection.components)
+    return kind.family
+
+
+def require_family(path: PathLike, family: str) -> None:
+    """Raises UnsupportedModelError unless `path` is a complete model of `family`."""
+    found = detect_family(path)
+    if found != family:
+        label = FAMILY_LABELS[found]
+        raise UnsupportedModelError(
+            f"{path} is {_article(label)} {label} model, but model.family is {family!r} "
+            f"({FAMILY_LABELS.get(family, family)}); set model.family to {found!r} or 'auto'"
+        )
+
+
+def _article(name: str) -> str:
+    return "an" if name[:1] in "AEFHILMNORSX" else "a"  # by the letter's sound: "an SD", "an SDXL"
 
 
 def _rejection_message(path: Path, kind: CheckpointKind) -> str:
-    only = "LoRA Foundry trains SD 1.5 LoRAs only"
+    only = f"LoRA Foundry trains {TRAINED_NAMES} LoRAs"
     if kind == LORA:
-        return f"{path} looks like a LoRA, not a base model; choose an SD 1.5 checkpoint to train on"
+        return f"{path} looks like a LoRA, not a base model; choose an {TRAINED_NAMES} checkpoint to train on"
     if kind == UNKNOWN:
-        return f"{path} is not a recognisable SD 1.5 checkpoint (no SD 1.x UNet weights found); {only}"
-    planned = f" ({kind.name} is planned)" if kind.planned else ""
-    return f"{path} looks like {kind.article} {kind.name} checkpoint; {only}{planned}"
+        return f"{path} is not a recognisable {TRAINED_NAMES} checkpoint (no UNet weights of either); {only}"
+    return f"{path} looks like {kind.article} {kind.name} checkpoint; {only}"
 
 
-def _require_components(path: Path, components: frozenset[str]) -> None:
-    missing = [label for name, label in COMPONENT_LABELS.items() if name not in components]
+def _require_components(path: Path, kind: CheckpointKind, components: frozenset[str]) -> None:
+    missing = [label for name, label in kind.components if name not in components]
     if not missing:
         return
     listed = " and ".join([", ".join(missing[:-1]), missing[-1]] if len(missing) > 1 else missing)
+    whole = ", ".join(label for _, label in kind.components[:-1]) + f" and {kind.components[-1][1]}"
     raise UnsupportedModelError(
-        f"{path} is an SD 1.x model without {listed} weights; LoRA Foundry needs a full SD 1.5 checkpoint "
-        "(UNet, VAE and text encoder in one file, or a diffusers folder)"
+        f"{path} is {kind.article} {kind.name} model without {listed} weights; LoRA Foundry needs a full "
+        f"{kind.name} checkpoint ({whole} in one file, or a diffusers folder)"
     )
 
 
@@ -139,36 +166,6 @@ def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     with safe_open(str(path), framework="pt", device="cpu") as handle:
         return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118 - safe_open is not iterable
-
-
-def safetensors_header(path: PathLike) -> tuple[int, dict[str, dict[str, Any]]]:
-    """(offset of the data section, tensor name -> {dtype, shape, data_offsets}) of a .safetensors file.
-
-    Reads only the header: 8 bytes of length, then that much JSON. Raises ValueError for anything else.
-    """
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) != 8:
-            raise ValueError(f"{path}: too short for a safetensors file")
-        size = int.from_bytes(prefix, "little")
-        if size > 100_000_000:
-            raise ValueError(f"{path}: not a safetensors file (header length {size})")
-        header = json.loads(f.read(size))
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: not a safetensors file")
-    header.pop("__metadata__", None)
-    return 8 + size, header
-
-
-def stored_float_dtype(path: PathLike) -> str | None:
-    """The one floating-point dtype ("F16", "BF16", "F32", ...) every float tensor of a .safetensors file is
-    stored in; None for a mixed or unreadable file."""
-    try:
-        _, header = safetensors_header(path)
-    except (OSError, ValueError):
-        return None
-    dtypes = {info["dtype"] for info in header.values() if info["dtype"].startswith(("F", "BF"))}
-    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def _torch_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -204,11 +201,13 @@ def _kind_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> CheckpointKind:
     if any("joint_blocks." in key for key in keys):
         return SD3
     if _has_prefix(keys, "conditioner.embedders.1."):
-        return SDXL
+        return _sdxl_kind(shapes)
     if _has_prefix(keys, "conditioner.embedders.0.model."):
         return SDXL_REFINER
     context = _context_dim(shapes)
     kind = CONTEXT_DIMS.get(context, UNKNOWN) if context else UNKNOWN
+    if kind == SDXL:
+        return _sdxl_kind(shapes)
     if kind == UNKNOWN and _has_prefix(keys, "cond_stage_model.model."):
         return SD2  # open_clip text encoder: SD 2.x even if the UNet is missing
     if kind == SD1 and _unet_in_channels(shapes) == 9:
@@ -216,6 +215,12 @@ def _kind_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> CheckpointKind:
     if kind == SD1 and _unet_in_channels(shapes) not in (None, 4):
         return UNKNOWN
     return kind
+
+
+def _sdxl_kind(shapes: Mapping[str, tuple[int, ...]]) -> CheckpointKind:
+    """SDXL base, or one of its distillations (fewer transformer blocks: the shipped config does not fit)."""
+    has_unet = _has_prefix(shapes.keys(), UNET_PREFIX)
+    return SDXL if not has_unet or SDXL_FULL_DEPTH_KEY in shapes else SDXL_DISTILLED
 
 
 def _is_lora_key(key: str) -> bool:
@@ -248,8 +253,10 @@ def _components_from_keys(keys: Any) -> frozenset[str]:
         found.add("unet")
     if _has_prefix(keys, VAE_PREFIX):
         found.add("vae")
-    if _has_prefix(keys, "cond_stage_model.") or _has_prefix(keys, "conditioner."):
+    if _has_prefix(keys, "cond_stage_model.") or _has_prefix(keys, "conditioner.embedders.0."):
         found.add("text_encoder")
+    if _has_prefix(keys, "conditioner.embedders.1."):
+        found.add("text_encoder_2")
     return frozenset(found)
 
 
@@ -272,7 +279,11 @@ def _folder_kind(folder: Path) -> CheckpointKind:
     unet = _read_json(folder / "unet" / "config.json")
     if unet is None:
         return UNKNOWN
+    if _is_sdxl_style(folder, unet):
+        return SDXL  # at any width: SDXL and the small test models of its architecture
     kind = CONTEXT_DIMS.get(unet.get("cross_attention_dim"), UNKNOWN)
+    if kind == SDXL:
+        return UNKNOWN  # SDXL's context width without its two text encoders and size conditioning
     if kind == UNKNOWN and _is_sd1_style(unet):
         kind = SD1  # SD 1.x architecture at another width (small test and distilled models)
     if kind in (SD1, SD2) and not _text_encoder_matches(folder, unet["cross_attention_dim"]):
@@ -294,6 +305,20 @@ def _is_sd1_style(unet: dict) -> bool:
     )
 
 
+def _is_sdxl_style(folder: Path, unet: dict) -> bool:
+    """Two text encoders whose hidden states, side by side, are the cross-attention context, and the
+    pooled-text-plus-size conditioning: the SDXL base UNet layout."""
+    if unet.get("_class_name") != "UNet2DConditionModel" or unet.get("addition_embed_type") != "text_time":
+        return False
+    widths = []
+    for name in ("text_encoder", "text_encoder_2"):
+        config = _read_json(folder / name / "config.json")
+        if config is None:
+            return unet.get("cross_attention_dim") == 2048  # a missing encoder is reported as missing
+        widths.append(config.get("text_config", config).get("hidden_size"))
+    return unet.get("cross_attention_dim") == sum(widths)
+
+
 def _text_encoder_matches(folder: Path, context_dim: int) -> bool:
     """SD 1.x/2.x feed the text encoder's hidden states straight into cross-attention."""
     config = _read_json(folder / "text_encoder" / "config.json")
@@ -305,7 +330,7 @@ def _text_encoder_matches(folder: Path, context_dim: int) -> bool:
 
 def _folder_components(folder: Path) -> frozenset[str]:
     found = set()
-    for name in COMPONENT_LABELS:
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         sub = folder / name
         if sub.is_dir() and any(f.suffix in WEIGHT_SUFFIXES for f in sub.iterdir() if f.is_file()):
             found.add(name)
