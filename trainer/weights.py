@@ -7,6 +7,15 @@ from pathlib import Path
 from typing import Any
 
 PathLike = str | Path
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin")
+
+
+def weight_files(root: Path, subfolders: tuple[str, ...]) -> list[str]:
+    """The weight files of some components of a diffusers folder, sorted per subfolder."""
+    files = []
+    for sub in subfolders:
+        files += sorted(str(p) for p in (root / sub).iterdir() if p.suffix in WEIGHT_FILE_SUFFIXES)
+    return files
 
 
 def safetensors_header(path: PathLike) -> tuple[int, dict[str, dict[str, Any]]]:

@@ -11,7 +11,7 @@ its noise schedule and training target (`Objective`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -61,7 +61,6 @@ class Components:
     # for a single file that also holds the denoiser: the tensor-name prefixes of the VAE + text encoders, so
     # only their bytes are hashed (empty: hash the whole files)
     source_hash_prefixes: tuple[str, ...] = ()
-    extras: dict[str, Any] = field(default_factory=dict)  # what a family keeps for sampling (scheduler config)
 
     def parts(self) -> dict[str, torch.nn.Module]:
         """Every model, by LoRA prefix: the denoiser first, then the text encoders."""

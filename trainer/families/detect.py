@@ -129,12 +129,16 @@ def _require_components(path: Path, kind: CheckpointKind, components: frozenset[
     missing = [label for name, label in kind.components if name not in components]
     if not missing:
         return
-    listed = " and ".join([", ".join(missing[:-1]), missing[-1]] if len(missing) > 1 else missing)
-    whole = ", ".join(label for _, label in kind.components[:-1]) + f" and {kind.components[-1][1]}"
+    whole = _and_list([label for _, label in kind.components])
     raise UnsupportedModelError(
-        f"{path} is {kind.article} {kind.name} model without {listed} weights; LoRA Foundry needs a full "
-        f"{kind.name} checkpoint ({whole} in one file, or a diffusers folder)"
+        f"{path} is {kind.article} {kind.name} model without {_and_list(missing)} weights; LoRA Foundry needs a "
+        f"full {kind.name} checkpoint ({whole} in one file, or a diffusers folder)"
     )
+
+
+def _and_list(labels: list[str]) -> str:
+    """"a", "a and b", "a, b and c"."""
+    return " and ".join([", ".join(labels[:-1]), labels[-1]] if len(labels) > 1 else labels)
 
 
 def _inspect(path: Path) -> _Inspection:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
-from ..weights import stored_float_dtype
+from ..weights import stored_float_dtype, weight_files
 from .base import DENOISER, Components, ModelFamily
 from .ddpm import DDPMObjective
 from .detect import is_diffusers_folder, require_family
@@ -58,7 +58,7 @@ class SD15Family(ModelFamily):
         tokenizer = clip_tokenizer(find_tokenizer_dir(model), self.max_tokens)
         if is_diffusers_folder(model.path):
             unet, vae, text_encoder, scheduler_dir = self._load_folder(Path(model.path), dtype)
-            hash_inputs, hash_prefixes = _weight_files(Path(model.path), ("vae", "text_encoder")), ()
+            hash_inputs, hash_prefixes = weight_files(Path(model.path), ("vae", "text_encoder")), ()
         else:
             unet, vae, text_encoder = self._load_single_file(model.path, tokenizer, dtype)
             scheduler_dir, hash_inputs, hash_prefixes = CONFIG_DIR / "scheduler", [model.path], ENCODER_PREFIXES
@@ -159,13 +159,6 @@ def kohya_text_path(path: str) -> str:
     """transformers 5 flattened CLIPTextModel (its modules are `encoder.layers...`, no `text_model.`); kohya
     names keep the original checkpoint layout `text_model.encoder.layers...`."""
     return path if path.startswith("text_model.") else f"text_model.{path}"
-
-
-def _weight_files(root: Path, subfolders: tuple[str, ...]) -> list[str]:
-    files = []
-    for sub in subfolders:
-        files += sorted(str(p) for p in (root / sub).iterdir() if p.suffix in (".safetensors", ".bin"))
-    return files
 
 
 SD15 = SD15Family()

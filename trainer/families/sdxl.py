@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
-from ..weights import stored_float_dtype
+from ..weights import stored_float_dtype, weight_files
 from .base import DENOISER, Components, ModelFamily
 from .ddpm import DDPMObjective
 from .detect import is_diffusers_folder, require_family
@@ -49,7 +49,7 @@ class SDXLFamily(ModelFamily):
         if is_diffusers_folder(model.path):
             unet, vae, te1, te2 = self._load_folder(Path(model.path), dtype)
             scheduler_dir = Path(model.path) / "scheduler"
-            hash_inputs = _weight_files(Path(model.path), ("vae", "text_encoder", "text_encoder_2"))
+            hash_inputs = weight_files(Path(model.path), ("vae", "text_encoder", "text_encoder_2"))
             hash_prefixes: tuple[str, ...] = ()
         else:
             unet, vae, te1, te2 = self._load_single_file(model.path, tokenizers, dtype)
@@ -207,13 +207,6 @@ def _sampler_rest(rest: str, conv: str) -> str:
 
 def _join(*parts: str) -> str:
     return ".".join(part for part in parts if part)
-
-
-def _weight_files(root: Path, subfolders: tuple[str, ...]) -> list[str]:
-    files = []
-    for sub in subfolders:
-        files += sorted(str(p) for p in (root / sub).iterdir() if p.suffix in (".safetensors", ".bin"))
-    return files
 
 
 SDXL = SDXLFamily()
