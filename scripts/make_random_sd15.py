@@ -65,15 +65,15 @@ def default_path() -> Path:
     return Path(root) / FILE_NAME
 
 
-def is_valid(path: Path) -> bool:
-    """A complete file written by this recipe (the header records the recipe and the tensor count)."""
+def is_valid(path: Path, recipe: str = RECIPE) -> bool:
+    """A complete file written by `recipe` (the header records the recipe and the tensor count)."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {}
             count = len(handle.keys())
     except Exception:  # noqa: BLE001 - unreadable for any reason means "rebuild"
         return False
-    return metadata.get("recipe") == RECIPE and metadata.get("tensor_count") == str(count)
+    return metadata.get("recipe") == recipe and metadata.get("tensor_count") == str(count)
 
 
 def ensure_random_sd15(path: Path | str | None = None) -> Path:
@@ -90,7 +90,7 @@ def ensure_random_sd15(path: Path | str | None = None) -> Path:
 def build(target: Path) -> None:
     started = time.monotonic()
     tensors: dict[str, torch.Tensor] = {}
-    for name, make in (("unet", unet_tensors), ("vae", vae_tensors), ("text encoder", text_encoder_tensors)):
+    for name, make in parts():
         _log(f"building random {name}")
         tensors.update(make())
         gc.collect()
@@ -113,6 +113,23 @@ def write_atomically(tensors: dict[str, torch.Tensor], target: Path, metadata: d
         raise
 
 
+def parts() -> tuple[tuple[str, Callable[[], dict[str, torch.Tensor]]], ...]:
+    """Each model of the file and the function that builds its tensors under the file's names."""
+    return ("unet", unet_tensors), ("vae", vae_tensors), ("text encoder", text_encoder_tensors)
+
+
+def planned_layout(builders: tuple[tuple[str, Callable[[], dict[str, torch.Tensor]]], ...]) -> dict[str, tuple]:
+    """Name -> shape of every tensor the builders would write, found on the meta device (no memory, seconds):
+    the cached file is reused across runs, so tests compare this with it rather than rebuild it."""
+    with torch.device("meta"):
+        return {name: tuple(value.shape) for _, make in builders for name, value in make().items()}
+
+
+def file_layout(path: Path) -> dict[str, tuple]:
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+
+
 def unet_tensors() -> dict[str, torch.Tensor]:
     from diffusers import UNet2DConditionModel
 
@@ -123,11 +140,12 @@ def unet_tensors() -> dict[str, torch.Tensor]:
     return _convert(unet.state_dict(), lambda name: UNET_PREFIX + ldm_unet_key(name, prefixes))
 
 
-def vae_tensors() -> dict[str, torch.Tensor]:
+def vae_tensors(config_dir: Path = CONFIG_DIR, seed: int = SEED + 1) -> dict[str, torch.Tensor]:
+    """A random VAE of the config folder's `vae/`, under LDM's names (`first_stage_model.`)."""
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(SEED + 1)
-    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(CONFIG_DIR / "vae"))
+    torch.manual_seed(seed)
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae"))
     blocks = len(vae.config.block_out_channels)
     tensors = _convert(vae.state_dict(), lambda name: VAE_PREFIX + ldm_vae_key(name, blocks))
     for key, value in tensors.items():
@@ -180,10 +198,10 @@ def unet_block_prefixes(config) -> dict[str, str]:
     return prefixes
 
 
-def ldm_unet_key(name: str, prefixes: dict[str, str]) -> str:
+def ldm_unet_key(name: str, prefixes: dict[str, str], top_level: dict[str, str] = UNET_TOP_LEVEL) -> str:
     module, _, param = name.rpartition(".")
-    if module in UNET_TOP_LEVEL:
-        return f"{UNET_TOP_LEVEL[module]}.{param}"
+    if module in top_level:
+        return f"{top_level[module]}.{param}"
     for diffusers_prefix, ldm_prefix in prefixes.items():
         if name.startswith(diffusers_prefix):
             rest = name[len(diffusers_prefix) :]

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -89,21 +90,41 @@ class Warnings(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def probe_lora(comfy, model, clip, path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+@dataclass
+class AppliedLora:
+    names: list[str]  # the file's module names
+    patches: dict  # ComfyUI weight key -> its patches, UNet and CLIP together
+    key_map: dict[str, str]  # ComfyUI's LoRA name -> weight key map for this model
+    weights: dict[str, torch.Tensor]  # the model's weights by ComfyUI key
+    warnings: list[str]  # what ComfyUI logged while loading the file
+
+
+def apply_lora(comfy, model, clip, path: str) -> AppliedLora:
+    """The file through what ComfyUI's LoraLoader node runs, at strength 1."""
     lora = comfy.utils.load_torch_file(path, safe_load=True)
     warnings = Warnings()
     logging.getLogger().addHandler(warnings)
     try:
-        # what ComfyUI's LoraLoader node runs
         new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
     finally:
         logging.getLogger().removeHandler(warnings)
-    patches = {**new_model.patches, **new_clip.patcher.patches}
-
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
-    names = sorted({key.split(".")[0] for key in lora})
-    weights = {**model.model.state_dict(), **clip.cond_stage_model.state_dict()}
+    return AppliedLora(
+        names=sorted({key.split(".")[0] for key in lora}),
+        patches={**new_model.patches, **new_clip.patcher.patches},
+        key_map=comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map),
+        weights={**model.model.state_dict(), **clip.cond_stage_model.state_dict()},
+        warnings=warnings.messages,
+    )
+
+
+def unconsumed(warnings: list[str]) -> list[str]:
+    return sorted(m.split(": ", 1)[1] for m in warnings if m.startswith(NOT_LOADED))
+
+
+def probe_lora(comfy, model, clip, path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    applied = apply_lora(comfy, model, clip, path)
+    names, patches, key_map, weights = applied.names, applied.patches, applied.key_map, applied.weights
     tensors = {}
     for name in names:
         key = key_map.get(name)
@@ -112,8 +133,8 @@ def probe_lora(comfy, model, clip, path: str) -> tuple[dict, dict[str, torch.Ten
             tensors[f"{name}.base"] = base
             tensors[f"{name}.delta"] = comfy.lora.calculate_weight(patches[key], base.clone(), key) - base
     report = {
-        "warnings": warnings.messages,
-        "unconsumed": sorted(m.split(": ", 1)[1] for m in warnings.messages if m.startswith(NOT_LOADED)),
+        "warnings": applied.warnings,
+        "unconsumed": unconsumed(applied.warnings),
         "patched": sorted(patches),
         "key_map": {name: key_map.get(name) for name in names},
     }

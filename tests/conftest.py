@@ -57,6 +57,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def comfy_dir() -> Path:
+    absent = os.environ.get("LORA_FOUNDRY_COMFYUI_ABSENT")
+    if absent:
+        pytest.skip(absent)
     path = comfyui_dir()
     if not (path / "main.py").is_file():
         pytest.fail(f"ComfyUI not found at {path}: run scripts/setup.sh (or set COMFYUI_DIR)")
@@ -222,6 +225,10 @@ def pytest_configure(config: pytest.Config) -> None:  # noqa: F811 - extends the
     _configure_before_comfy_server(config)
     config.addinivalue_line("markers", "comfy_server: uses the session's real ComfyUI server (comfy_server fixture)")
     config.addinivalue_line("markers", "browser: drives the real ComfyUI frontend in headless Chromium")
+    config.addinivalue_line("markers", "comfy_code: runs ComfyUI's own loaders in a probe subprocess")
+
+
+_STARTED_SERVERS: list = []  # the session's server once started, so a module can pause it (whole_machine)
 
 
 @pytest.fixture(scope="session")
@@ -242,4 +249,18 @@ def comfy_server(tmp_path_factory: pytest.TempPathFactory, comfy_dir: Path):
     server = ComfyServer(tmp_path_factory.mktemp("comfy-base"), checkpoints={RANDOM_CHECKPOINT_NAME: checkpoint},
                          comfy_dir=comfy_dir)
     with server:
+        _STARTED_SERVERS.append(server)
         yield server
+
+
+@pytest.fixture(scope="module")
+def whole_machine():
+    """For a module that needs most of this machine's memory (a full-size SDXL model in two processes, one after
+    the other): the session's ComfyUI server, if it was started, is stopped for the module and started again
+    after it, so an SD 1.5 model it holds does not sit beside them."""
+    paused = [server for server in _STARTED_SERVERS if server.running]
+    for server in paused:
+        server.stop()
+    yield
+    for server in paused:
+        server.start()

@@ -361,6 +361,14 @@ def encode_with_diffusers(pipe, prompt: str) -> tuple[list[int], torch.Tensor]:
 
 
 @pytest.mark.slow
+def test_the_builder_still_writes_the_cached_layout(random_sd15: Path) -> None:
+    # the cached file outlives changes to the builder; a change to its names or shapes must not go unseen
+    from scripts import make_random_sd15 as builder
+
+    assert builder.planned_layout(builder.parts()) == builder.file_layout(random_sd15)
+
+
+@pytest.mark.slow
 def test_random_sd15_is_recognised(random_sd15: Path) -> None:
     assert describe_checkpoint(random_sd15) == SD1
     require_sd15(random_sd15)

@@ -84,7 +84,7 @@ def test_the_second_comfyui_reruns_every_server_test_and_only_those() -> None:
     assert result.returncode == 0, result.stdout[-3000:]
     files = collected(result)
     assert {"test_e2e_train.py", "test_workflows.py", "test_security.py",
-            "test_server_memory.py", "test_browser.py", "test_e2e_cancel_phases.py"} <= files
+            "test_server_memory.py", "test_browser.py", "test_e2e_cancel_phases.py", "test_sdxl_checkpoint.py"} <= files
     assert not files & {"test_config.py", "test_trainer.py", "test_node_schemas.py"}
     assert "test_train_and_validate_runs_and_shows_progress" not in result.stdout  # the browser's slow runs
 
