@@ -112,8 +112,9 @@ def test_gpu_peaks_pick_the_right_part() -> None:
 
 def test_gpu_cases_cover_the_issue() -> None:
     labels = [c.label for c in gpu.gpu_cases()]
-    assert {"fp16 b1", "fp16 b1 ckpt", "bf16 b1", "fp16 b8", "bf16 b8"} == set(labels)
-    assert all(c.resolution == 512 for c in gpu.gpu_cases())
+    assert {"fp16 b1", "fp16 b1 ckpt", "bf16 b1", "fp16 b8", "bf16 b8", "sdxl bf16 b1", "sdxl bf16 b1 ckpt",
+            "sdxl bf16 b4", "sdxl bf16 b4 ckpt"} == set(labels)
+    assert {(c.family, c.resolution) for c in gpu.gpu_cases()} == {("sd15", 512), ("sdxl", 1024)}
 
 
 def test_gpu_script_skips_without_cuda(capsys) -> None:
