@@ -24,6 +24,7 @@ from bench.common import OFFLINE_ENV, Spec, peak_rss_bytes  # noqa: E402
 MODULES = {
     "ours": "bench.ours",
     "ours_noflip": "bench.ours",
+    "ours_all": "bench.ours",
     "seed": "bench.seed_loop",
     "floor": "bench.floor",
     "native": "bench.native",

@@ -21,13 +21,14 @@ RUN_PY = ROOT / "trainer" / "run.py"
 
 def trainer_config(spec: Spec, run_dir: Path, max_steps: int) -> dict[str, Any]:
     """A 1-process CPU fp32 run at the spec's size; validation sampling off, a fresh cache. Random flip is on
-    (the default: the cache pass encodes every picture plain and mirrored) unless spec.extra turns it off."""
+    (the default: the cache pass encodes every picture plain and mirrored) unless spec.extra turns it off; the
+    LoRA is on the attention projections unless spec.extra names another target preset."""
     return {
         "run_dir": str(run_dir),
         "model": {"path": spec.checkpoint, "tokenizer_dir": spec.tokenizer_dir},
         "data": {"folder": spec.data, "resolution": spec.resolution,
                  "random_flip": bool(spec.extra.get("random_flip", True))},
-        "lora": {"rank": spec.rank, "alpha": float(spec.rank), "targets": "attention"},
+        "lora": {"rank": spec.rank, "alpha": float(spec.rank), "targets": spec.extra.get("targets", "attention")},
         "train": {"batch_size": 1, "max_steps": max_steps, "mixed_precision": "no", "device": "cpu",
                   "seed": spec.seed, "cache_dir": str(run_dir / "cache")},
         "output": {"lora_path": str(run_dir / "lora.safetensors"), "overwrite": True},

@@ -21,7 +21,11 @@ class Target:
 
 
 def ratio(results: dict[str, dict], a: str, b: str, key: str = "s_per_step") -> float | None:
+    """a's figure over b's; None when either is missing or they come from different runs (a merged report
+    stamps each result with its run's date: another day may be another machine)."""
     if a not in results or b not in results:
+        return None
+    if results[a].get("measured") != results[b].get("measured"):
         return None
     return results[a][key] / results[b][key]
 
@@ -44,6 +48,8 @@ def targets(low: dict[str, dict], high: dict[str, dict]) -> list[Target]:
         Target("ours / floor", ratio(low, "ours", "floor"), 1.05, "{:.2f}"),
         Target("ours / floor (high res)", ratio(high, "ours", "floor"), 1.05, "{:.2f}"),
         Target("ours / native", ratio(low, "ours", "native"), 0.5, "{:.2f}"),
+        Target("ours, all layers / native (every layer), like for like", ratio(low, "ours_all", "native"), 0.5,
+               "{:.2f}"),
         Target("peak RSS ours / seed (low res)", rss, 1.0, "{:.2f}"),
         Target("peak RSS ours / seed (high res)", rss_high, 1.0, "{:.2f}"),
         Target("time to first step / (load + one encode pass)", ttfs_ratio(low), 1.2, "{:.2f}"),
@@ -52,19 +58,23 @@ def targets(low: dict[str, dict], high: dict[str, dict]) -> list[Target]:
     return [c for c in checks if c.value is not None]
 
 
+CONTENDER_LABELS = {"ours_all": "ours, all layers"}
+
+
 def _fmt(value: Any, spec: str = "{:.2f}") -> str:
     return "–" if value is None else spec.format(value)
 
 
 def contender_rows(results: dict[str, dict], resolution: int) -> list[str]:
     rows = []
-    for name in ("ours", "seed", "floor", "native"):
+    for name in ("ours", "ours_all", "seed", "floor", "native"):
         r = results.get(name)
         if r is None:
             continue
         versus = ratio(results, name, "ours")
         rows.append(
-            f"| {name} | {resolution} | {r['s_per_step']:.2f} | {_fmt(r.get('median_s_per_step'))} | {_fmt(versus)} "
+            f"| {CONTENDER_LABELS.get(name, name)} | {resolution} | {r['s_per_step']:.2f} "
+            f"| {_fmt(r.get('median_s_per_step'))} | {_fmt(versus)} "
             f"| {r['timed_steps']} | {gib(r['peak_rss_bytes']):.2f} | {_fmt(r.get('ttfs_s'), '{:.1f}')} "
             f"| {_fmt(r.get('steal_fraction'), '{:.0%}')} |"
         )
@@ -139,5 +149,8 @@ def _details(low: dict[str, dict], high: dict[str, dict], settings: dict | None 
         )
     if "native" in low:
         out.append(f"- native: time to first step counts from posting the prompt to a running server "
-                   f"(server start {low['native']['server_start_s']:.0f} s not included).")
+                   f"(server start {low['native']['server_start_s']:.0f} s not included). It puts a LoRA on every "
+                   "weight of the UNet and trains every bias; 'ours, all layers' is the `all` preset (kohya's "
+                   "LoCon set: attention, feed-forward, resnet and sampler convolutions, projections), the like-"
+                   "for-like row; 'ours' adapts the attention projections only.")
     return out

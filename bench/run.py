@@ -38,11 +38,13 @@ from bench.common import (  # noqa: E402
 from bench.report import markdown, targets  # noqa: E402
 from scripts.comfy_server import default_comfy_dir  # noqa: E402
 
-LOW_CONTENDERS = ("probe", "ours", "ours_noflip", "seed", "floor", "native", "node")
+LOW_CONTENDERS = ("probe", "ours", "ours_noflip", "ours_all", "seed", "floor", "native", "node")
 HIGH_CONTENDERS = ("ours", "seed", "floor")
 # ours with random_flip off, for time to first step only: its cache pass is one VAE pass, like the probe's
 ONE_ROUND = ("native", "node")  # minutes each, and not what the step-time ratios hinge on
-VARIANTS = {"ours_noflip": {"warmup": 0, "timed": 1, "extra": {"random_flip": False}}}
+# ours with the "all" preset (kohya's LoCon set), like for like against native, which adapts every UNet weight
+VARIANTS = {"ours_noflip": {"warmup": 0, "timed": 1, "extra": {"random_flip": False}},
+            "ours_all": {"extra": {"targets": "all"}}}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="SD 1.5 single-file checkpoint (default: the cached random-weight one)")
     parser.add_argument("--note", default="", help="a line added under the results table")
+    parser.add_argument("--merge", action="store_true", help="keep bench/results.json's figures for the contenders "
+                        "--only leaves out (the report names which ran when)")
     return parser.parse_args(argv)
 
 
@@ -145,6 +149,23 @@ def least_disturbed(kept: dict | None, new: dict) -> dict:
     return {**best, "rounds": new["rounds"]}
 
 
+def merged(previous_path: Path, low: dict, high: dict, about: dict, report: dict) -> tuple[dict, dict, dict, dict]:
+    """This run's contenders over the previous results: the machine line stays the previous run's, and the note
+    says which contenders were measured again, when."""
+    previous = json.loads(previous_path.read_text())
+    fresh = sorted({*low, *high})
+    before = previous["machine"]["date"]
+    for results, date in ((previous["low"], before), (previous["high"], before), (low, about["date"]),
+                          (high, about["date"])):
+        for result in results.values():
+            result.setdefault("measured", date)
+    note = (f"{', '.join(fresh)} measured again on {about['date']}, {about['cpu']} ({about['cores']} cores, load "
+            f"average {about['load_average']}); the other rows are from {previous['machine']['date']}, "
+            f"{previous['machine']['cpu']}: compare ratios only within one run.")
+    report = {**previous["settings"], "note": " ".join(filter(None, [previous["settings"].get("note"), note]))}
+    return {**previous["low"], **low}, {**previous["high"], **high}, previous["machine"], report
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = settings_for(args)
@@ -164,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     about["load_average_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     command = "python bench/run.py" + (" --quick" if args.quick else "")
     report = {**settings, "command": command, "images": len(SHAPES), "note": args.note, "rounds": rounds}
+    if args.merge:
+        low, high, about, report = merged(BENCH / "results.json", low, high, about, report)
     # a quick run only checks the script: its figures stay out of the repository
     out = Path(tempfile.gettempdir()) / "lora-foundry-bench-quick" if args.quick else BENCH / "results"
     document = {"machine": about, "settings": report, "low": low, "high": high,

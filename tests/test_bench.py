@@ -20,6 +20,7 @@ def fake_results() -> tuple[dict, dict]:
         "floor": {"s_per_step": 2.9, "timed_steps": 5, "peak_rss_bytes": 4 * GIB, "ttfs_s": 18.0,
                   "flops_per_step": 3.4e11, "flops_per_s": 1.2e11, "matmul_flops_per_s": 2e11,
                   "fraction_of_matmul": 0.6},
+        "ours_all": {"s_per_step": 4.0, "timed_steps": 5, "peak_rss_bytes": 5 * GIB, "ttfs_s": 31.0},
         "native": {"s_per_step": 9.0, "timed_steps": 5, "peak_rss_bytes": 8 * GIB, "ttfs_s": 25.0,
                    "server_start_s": 20.0},
         "probe": {"reference_s": 24.0, "import_s": 6.0, "load_s": 12.0, "encode_s": 6.0},
@@ -78,8 +79,16 @@ def test_targets_and_verdicts() -> None:
     assert verdicts["ours / floor"] == (round(3.0 / 2.9, 3), True)
     assert verdicts["ours / floor (high res)"] == (round(10.0 / 9.0, 3), False)
     assert verdicts["ours / native"] == (round(3.0 / 9.0, 3), True)
+    assert verdicts["ours, all layers / native (every layer), like for like"] == (round(4.0 / 9.0, 3), True)
     assert verdicts["time to first step / (load + one encode pass)"] == (1.25, False)
     assert verdicts["ComfyUI overhead of the Train node"] == (0.02, True)
+
+
+def test_ratios_stay_within_one_run() -> None:
+    low, _ = fake_results()
+    low["native"]["measured"] = "another day"
+    names = {t.name for t in targets(low, {})}
+    assert "ours / native" not in names and "ours / seed (low res)" in names
 
 
 def test_missing_contenders_drop_their_targets() -> None:
@@ -96,7 +105,7 @@ def test_markdown_names_the_machine_and_every_contender() -> None:
     text = markdown(machine, low, high, settings)
     assert "Test CPU, 2 cores" in text
     for row in ("| ours | 256 | 3.00 | – | 1.00 |", "| seed | 256 | 5.00 | – | 1.67 |",
-                "| native | 256 | 9.00 | – | 3.00 |",
+                "| native | 256 | 9.00 | – | 3.00 |", "| ours, all layers | 256 | 4.00 | – | 1.33 |",
                 "| ours | 512 | 10.00 |", "| floor | 512 | 9.00 | – | 0.90 |",
                 "- floor at 512 px: 1300 GFLOP per step",
                 "| time to first step / (load + one encode pass) | 1.25 | 1.20 | **no** |"):

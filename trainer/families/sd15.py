@@ -8,10 +8,11 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
-from ..weights import stored_float_dtype, weight_files
+from ..weights import weight_files
 from .base import DENOISER, Components, ModelFamily
 from .ddpm import DDPMObjective
 from .detect import is_diffusers_folder, require_family
+from .single_file import load_pipeline
 from .tokenizers import clip_tokenizer, find_tokenizer_dir, tokenize
 
 CONFIG_DIR = Path(__file__).parent / "sd15_config"
@@ -37,7 +38,6 @@ TEXT_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 TEXT_MLP = ["fc1", "fc2"]
 TOKENS = 77  # CLIP's context; ComfyUI's tokenizer_config says model_max_length 8192 under transformers 5
 ENCODER_PREFIXES = ("first_stage_model.", "cond_stage_model.")  # VAE and text encoder in a single file
-STORED_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class SD15Family(ModelFamily):
@@ -82,29 +82,11 @@ class SD15Family(ModelFamily):
 
     @staticmethod
     def _load_single_file(path: str, tokenizer: Any, dtype: torch.dtype) -> tuple[Any, Any, Any]:
-        """The three models in `dtype`. A file stored in 16 bits that is wanted in fp32 is read in its own
-        dtype, without a memory map, and upcast one tensor at a time: the same values (the cast is exact),
-        but the peak resident memory is about the fp32 models instead of the fp32 models plus the mapped file
-        (6.8 -> 4.9 GiB for SD 1.5 in fp16)."""
         from diffusers import StableDiffusionPipeline
 
-        stored = STORED_DTYPES.get(stored_float_dtype(path) or "")
-        upcast = dtype == torch.float32 and stored is not None
-        pipe = StableDiffusionPipeline.from_single_file(
-            path,
-            config=str(CONFIG_DIR),
-            tokenizer=tokenizer,
-            safety_checker=None,
-            feature_extractor=None,
-            local_files_only=True,
-            torch_dtype=stored if upcast else dtype,
-            disable_mmap=upcast,
-        )
-        models = pipe.unet, pipe.vae, pipe.text_encoder
-        del pipe
-        for module in models if upcast else ():
-            module.to(dtype)  # parameter by parameter: each 16-bit copy is freed as its fp32 one appears
-        return models
+        pipe = load_pipeline(StableDiffusionPipeline, path, CONFIG_DIR, dtype, tokenizer=tokenizer,
+                             safety_checker=None, feature_extractor=None)
+        return pipe.unet, pipe.vae, pipe.text_encoder
 
     def tokenize(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
         return {TEXT_ENCODER: tokenize(components.tokenizers[TEXT_ENCODER], captions, self.max_tokens)}

@@ -10,12 +10,13 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
-from ..weights import stored_float_dtype, weight_files
+from ..weights import weight_files
 from .base import DENOISER, Components, ModelFamily
 from .ddpm import DDPMObjective
 from .detect import is_diffusers_folder, require_family
-from .sd15 import STORED_DTYPES, TOKENS, clip_unet_targets
+from .sd15 import TOKENS, clip_unet_targets
 from .sd15 import kohya_text_path as flattened_clip_path
+from .single_file import load_pipeline
 from .tokenizers import clip_tokenizer, find_tokenizer_dir, tokenize
 
 CONFIG_DIR = Path(__file__).parent / "sdxl_config"
@@ -81,27 +82,11 @@ class SDXLFamily(ModelFamily):
 
     @staticmethod
     def _load_single_file(path: str, tokenizers: dict[str, Any], dtype: torch.dtype) -> tuple[Any, Any, Any, Any]:
-        """The four models of a single-file checkpoint as ComfyUI's models/checkpoints holds it, with the
-        shipped SDXL config. As for SD 1.5, a 16-bit file wanted in fp32 is read in its own dtype and upcast
-        one tensor at a time, so the peak is the fp32 models rather than those plus the mapped file."""
         from diffusers import StableDiffusionXLPipeline
 
-        stored = STORED_DTYPES.get(stored_float_dtype(path) or "")
-        upcast = dtype == torch.float32 and stored is not None
-        pipe = StableDiffusionXLPipeline.from_single_file(
-            path,
-            config=str(CONFIG_DIR),
-            tokenizer=tokenizers[TEXT_ENCODER_1],
-            tokenizer_2=tokenizers[TEXT_ENCODER_2],
-            local_files_only=True,
-            torch_dtype=stored if upcast else dtype,
-            disable_mmap=upcast,
-        )
-        models = pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2
-        del pipe
-        for module in models if upcast else ():
-            module.to(dtype)
-        return models
+        pipe = load_pipeline(StableDiffusionXLPipeline, path, CONFIG_DIR, dtype,
+                             tokenizer=tokenizers[TEXT_ENCODER_1], tokenizer_2=tokenizers[TEXT_ENCODER_2])
+        return pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2
 
     def tokenize(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
         return {prefix: tokenize(tokenizer, captions, self.max_tokens)
