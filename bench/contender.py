@@ -26,6 +26,7 @@ MODULES = {
     "ours_noflip": "bench.ours",
     "ours_all": "bench.ours",
     "seed": "bench.seed_loop",
+    "seed_sdxl": "bench.seed_loop_sdxl",
     "floor": "bench.floor",
     "native": "bench.native",
     "node": "bench.node",

@@ -5,7 +5,8 @@ Runs each contender in its own process, one after another: `probe` (checkpoint l
 to first step only), `seed` (the seed chapter's loop, no caching), `floor`
 (UNet + LoRA forward/backward/AdamW on fixed inputs, with its FLOP rate), `native` (ComfyUI's TrainLoraNode)
 and `node` (the Train node on a ComfyUI server, for ComfyUI's overhead) at the low resolution, then `ours`,
-`seed` and `floor` again at the high one. Two rounds by default, each contender keeping its least disturbed
+`seed` and `floor` again at the high one, then `ours` and `seed_sdxl` (the seed loop carried over to SDXL) on
+the random full-structure SDXL checkpoint. Two rounds by default, each contender keeping its least disturbed
 one (this machine is shared). Writes bench/results.json and bench/results.md.
 """
 
@@ -40,6 +41,7 @@ from scripts.comfy_server import default_comfy_dir  # noqa: E402
 
 LOW_CONTENDERS = ("probe", "ours", "ours_noflip", "ours_all", "seed", "floor", "native", "node")
 HIGH_CONTENDERS = ("ours", "seed", "floor")
+SDXL_CONTENDERS = ("ours", "seed_sdxl")
 # ours with random_flip off, for time to first step only: its cache pass is one VAE pass, like the probe's
 ONE_ROUND = ("native", "node")  # minutes each, and not what the step-time ratios hinge on
 # ours with the "all" preset (kohya's LoCon set), like for like against native, which adapts every UNet weight
@@ -55,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="run the contenders this many times over in turn "
                         "and keep each one's least disturbed round (native and node run once)")
     parser.add_argument("--no-high", action="store_true", help="skip the high-resolution pair")
+    parser.add_argument("--no-low", action="store_true", help="skip the low-resolution set")
+    parser.add_argument("--no-sdxl", action="store_true", help="skip the SDXL pair")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="SD 1.5 single-file checkpoint (default: the cached random-weight one)")
@@ -66,8 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def settings_for(args: argparse.Namespace) -> dict:
     if args.quick:
-        return {"low": 64, "high": 128, "warmup": 1, "timed": 3, "node_steps": 4}
-    return {"low": 256, "high": 512, "warmup": 2, "timed": 5, "node_steps": 20}
+        return {"low": 64, "high": 128, "sdxl": 64, "warmup": 1, "timed": 3, "node_steps": 4}
+    return {"low": 256, "high": 512, "sdxl": 256, "warmup": 2, "timed": 5, "node_steps": 20}
 
 
 def machine() -> dict[str, str]:
@@ -149,21 +153,24 @@ def least_disturbed(kept: dict | None, new: dict) -> dict:
     return {**best, "rounds": new["rounds"]}
 
 
-def merged(previous_path: Path, low: dict, high: dict, about: dict, report: dict) -> tuple[dict, dict, dict, dict]:
-    """This run's contenders over the previous results: the machine line stays the previous run's, and the note
-    says which contenders were measured again, when."""
+def merged(previous_path: Path, sets: dict[str, dict], about: dict, report: dict) -> tuple[dict[str, dict], dict,
+                                                                                           dict]:
+    """This run's sets of contenders (low, high, sdxl) over the previous results: the machine line stays the
+    previous run's, and the note says which contenders were measured again, when and where."""
     previous = json.loads(previous_path.read_text())
-    fresh = sorted({*low, *high})
-    before = previous["machine"]["date"]
-    for results, date in ((previous["low"], before), (previous["high"], before), (low, about["date"]),
-                          (high, about["date"])):
+    fresh = sorted({f"{name} ({key})" for key, results in sets.items() for name in results})
+    for key, results in sets.items():
+        for result in previous.get(key, {}).values():
+            result.setdefault("measured", previous["machine"]["date"])
         for result in results.values():
-            result.setdefault("measured", date)
+            result.setdefault("measured", about["date"])
     note = (f"{', '.join(fresh)} measured again on {about['date']}, {about['cpu']} ({about['cores']} cores, load "
             f"average {about['load_average']}); the other rows are from {previous['machine']['date']}, "
             f"{previous['machine']['cpu']}: compare ratios only within one run.")
-    report = {**previous["settings"], "note": " ".join(filter(None, [previous["settings"].get("note"), note]))}
-    return {**previous["low"], **low}, {**previous["high"], **high}, previous["machine"], report
+    resolutions = {key: report[key] for key, results in sets.items() if results}  # of the sets measured again
+    report = {**previous["settings"], **resolutions,
+              "note": " ".join(filter(None, [previous["settings"].get("note"), note]))}
+    return {key: {**previous.get(key, {}), **results} for key, results in sets.items()}, previous["machine"], report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_for(args)
     sys.path.insert(0, str(BENCH.parent / "scripts"))
     from make_random_sd15 import ensure_random_sd15
+    from make_random_sdxl import ensure_random_sdxl
 
     checkpoint = args.checkpoint or ensure_random_sd15()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lora-foundry-bench-"))
@@ -180,20 +188,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[bench] {about['cpu']}, {about['cores']} cores, load average {about['load_average']}; "
           f"scratch {workdir}", flush=True)
     rounds = 1 if args.quick else args.rounds
-    low = run_set(LOW_CONTENDERS, base, settings["low"], workdir, args.only, rounds)
+    low = {} if args.no_low else run_set(LOW_CONTENDERS, base, settings["low"], workdir, args.only, rounds)
     high = {} if args.no_high else run_set(HIGH_CONTENDERS, base, settings["high"], workdir, args.only, rounds)
+    sdxl = {} if args.no_sdxl else run_set(SDXL_CONTENDERS, {**base, "checkpoint": str(ensure_random_sdxl())},
+                                           settings["sdxl"], workdir / "sdxl", args.only, rounds)
     about["load_average_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     command = "python bench/run.py" + (" --quick" if args.quick else "")
     report = {**settings, "command": command, "images": len(SHAPES), "note": args.note, "rounds": rounds}
     if args.merge:
-        low, high, about, report = merged(BENCH / "results.json", low, high, about, report)
+        sets, about, report = merged(BENCH / "results.json", {"low": low, "high": high, "sdxl": sdxl}, about, report)
+        low, high, sdxl = sets["low"], sets["high"], sets["sdxl"]
     # a quick run only checks the script: its figures stay out of the repository
     out = Path(tempfile.gettempdir()) / "lora-foundry-bench-quick" if args.quick else BENCH / "results"
-    document = {"machine": about, "settings": report, "low": low, "high": high,
+    document = {"machine": about, "settings": report, "low": low, "high": high, "sdxl": sdxl,
                 "targets": [{"name": t.name, "value": t.value, "limit": t.limit, "met": t.met}
-                            for t in targets(low, high)]}
+                            for t in targets(low, high, sdxl)]}
     out.with_suffix(".json").write_text(json.dumps(document, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(about, low, high, report))
+    out.with_suffix(".md").write_text(markdown(about, low, high, report, sdxl))
     print(out.with_suffix(".md").read_text())
     print(f"[bench] wrote {out.with_suffix('.md')} and .json")
     if args.workdir is None:

@@ -83,7 +83,11 @@ def train_step(batch: dict, parts: dict[str, Any]) -> float:
     target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise,
                                                                                                  timesteps)
     pred = unet(noisy, timesteps, encoder_hidden_states).sample
-    loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
+    return optimizer_step(F.mse_loss(pred.float(), target.float(), reduction="mean"), parts)
+
+
+def optimizer_step(loss: torch.Tensor, parts: dict[str, Any]) -> float:
+    """Backward, clipping, AdamW and the LR scheduler, as the chapter steps."""
     accelerator = parts["accelerator"]
     accelerator.backward(loss)
     accelerator.clip_grad_norm_(parts["params"], MAX_GRAD_NORM)
@@ -100,21 +104,28 @@ def run(spec: Spec, started: float) -> dict[str, Any]:
     vae, text_encoder, unet = pipe.vae, pipe.text_encoder, pipe.unet
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
+    images = CaptionedImages(dataset_items(spec.data), pipe.tokenizer, spec.resolution)
+    parts = dict(vae=vae, text_encoder=text_encoder, scheduler=scheduler)
+    return timed_run(spec, started, accelerator, unet, images, parts, train_step)
+
+
+def timed_run(spec: Spec, started: float, accelerator: Accelerator, unet: torch.nn.Module,
+              images: torch.utils.data.Dataset, parts: dict[str, Any], step: Any) -> dict[str, Any]:
+    """The chapter's optimizer, scheduler and loader around `step(batch, parts)`, run for the spec's steps."""
     params = add_lora(unet, spec.rank)
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, betas=BETAS, weight_decay=WEIGHT_DECAY, eps=EPSILON)
     lr_scheduler = get_scheduler("constant", optimizer=optimizer)
-    loader = torch.utils.data.DataLoader(CaptionedImages(dataset_items(spec.data), pipe.tokenizer, spec.resolution),
-                                         shuffle=True, batch_size=1)
+    loader = torch.utils.data.DataLoader(images, shuffle=True, batch_size=1)
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
-    parts = dict(vae=vae, text_encoder=text_encoder, unet=unet, scheduler=scheduler, accelerator=accelerator,
-                 params=params, optimizer=optimizer, lr_scheduler=lr_scheduler)
+    parts = dict(parts, unet=unet, accelerator=accelerator, params=params, optimizer=optimizer,
+                 lr_scheduler=lr_scheduler)
     unet.train()
     step_times: list[float] = []
     first_step_at = time.time()
     while len(step_times) < spec.steps:
         began = time.time()
         for batch in loader:
-            train_step(batch, parts)
+            step(batch, parts)
             now = time.time()
             step_times.append(now - began)
             began = now

@@ -82,6 +82,10 @@ def test_targets_and_verdicts() -> None:
     assert verdicts["ours, all layers / native (every layer), like for like"] == (round(4.0 / 9.0, 3), True)
     assert verdicts["time to first step / (load + one encode pass)"] == (1.25, False)
     assert verdicts["ComfyUI overhead of the Train node"] == (0.02, True)
+    sdxl = {"ours": {**low["ours"], "s_per_step": 12.0}, "seed_sdxl": {**low["seed"], "s_per_step": 20.0}}
+    verdicts = {t.name: (round(t.value, 3), t.met) for t in targets(low, high, sdxl)}
+    assert verdicts["SDXL: ours / seed"] == (0.6, True)
+    assert verdicts["SDXL: peak RSS ours / seed"] == (round(5 / 6, 3), True)
 
 
 def test_ratios_stay_within_one_run() -> None:
@@ -101,8 +105,11 @@ def test_markdown_names_the_machine_and_every_contender() -> None:
     low, high = fake_results()
     machine = {"cpu": "Test CPU", "cores": "2", "memory_gib": "24", "torch": "t", "diffusers": "d",
                "comfyui": "c", "date": "today"}
-    settings = {"command": "python bench/run.py", "images": 4, "warmup": 2, "timed": 5, "low": 256, "high": 512}
-    text = markdown(machine, low, high, settings)
+    settings = {"command": "python bench/run.py", "images": 4, "warmup": 2, "timed": 5, "low": 256, "high": 512,
+                "sdxl": 256}
+    sdxl = {"ours": {**low["ours"], "s_per_step": 12.0}, "seed_sdxl": {**low["seed"], "s_per_step": 18.0}}
+    text = markdown(machine, low, high, settings, sdxl)
+    assert "| SDXL ours | 256 | 12.00 | – | 1.00 |" in text and "| SDXL seed | 256 | 18.00 | – | 1.50 |" in text
     assert "Test CPU, 2 cores" in text
     for row in ("| ours | 256 | 3.00 | – | 1.00 |", "| seed | 256 | 5.00 | – | 1.67 |",
                 "| native | 256 | 9.00 | – | 3.00 |", "| ours, all layers | 256 | 4.00 | – | 1.33 |",
