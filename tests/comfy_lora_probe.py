@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,15 @@ class AppliedLora:
     weights: dict[str, torch.Tensor]  # the model's weights by ComfyUI key
     warnings: list[str]  # what ComfyUI logged while loading the file
 
+    def deltas(self, comfy) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(module name, fp32 base weight, the change ComfyUI makes to it at strength 1) for each module of the
+        file that ComfyUI patched."""
+        for name in self.names:
+            key = self.key_map.get(name)
+            if key in self.patches:
+                base = self.weights[key].float()
+                yield name, base, comfy.lora.calculate_weight(self.patches[key], base.clone(), key) - base
+
 
 def apply_lora(comfy, model, clip, path: str) -> AppliedLora:
     """The file through what ComfyUI's LoraLoader node runs, at strength 1."""
@@ -124,19 +134,15 @@ def unconsumed(warnings: list[str]) -> list[str]:
 
 def probe_lora(comfy, model, clip, path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     applied = apply_lora(comfy, model, clip, path)
-    names, patches, key_map, weights = applied.names, applied.patches, applied.key_map, applied.weights
     tensors = {}
-    for name in names:
-        key = key_map.get(name)
-        if key in patches:
-            base = weights[key].float()
-            tensors[f"{name}.base"] = base
-            tensors[f"{name}.delta"] = comfy.lora.calculate_weight(patches[key], base.clone(), key) - base
+    for name, base, delta in applied.deltas(comfy):
+        tensors[f"{name}.base"] = base
+        tensors[f"{name}.delta"] = delta
     report = {
         "warnings": applied.warnings,
         "unconsumed": unconsumed(applied.warnings),
-        "patched": sorted(patches),
-        "key_map": {name: key_map.get(name) for name in names},
+        "patched": sorted(applied.patches),
+        "key_map": {name: applied.key_map.get(name) for name in applied.names},
     }
     return report, tensors
 

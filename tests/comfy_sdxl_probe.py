@@ -75,13 +75,7 @@ def sketch(delta: torch.Tensor, vectors: dict[str, torch.Tensor]) -> torch.Tenso
 
 def probe_lora(comfy, model, clip, path: str, vectors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     applied = apply_lora(comfy, model, clip, path)
-    sketches = {}
-    for name in applied.names:
-        key = applied.key_map.get(name)
-        if key in applied.patches:
-            base = applied.weights[key].float()
-            delta = comfy.lora.calculate_weight(applied.patches[key], base.clone(), key) - base
-            sketches[name] = sketch(delta, vectors)
+    sketches = {name: sketch(delta, vectors) for name, _, delta in applied.deltas(comfy)}
     unet_patched = sum(key.startswith("diffusion_model.") for key in applied.patches)
     report = {
         "modules": len(applied.names),

@@ -18,24 +18,17 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from comfy_sdxl_probe import ProbeVectors, sketch
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from trainer.lora_file import lora_layers  # noqa: E402
+
 UP_SCALE = 0.05  # deltas of ~1e-2, a thousand times the tests' tolerance
-
-
-def lora_layers(model: torch.nn.Module, adapter: str) -> Iterator[tuple[str, Any]]:
-    from peft.tuners.lora import LoraLayer
-
-    for path, module in model.named_modules():
-        if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            yield path, module
 
 
 def remove_adapters(model: torch.nn.Module) -> None:
@@ -78,7 +71,6 @@ def encode(family, components, prompt: str) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
-    sys.path.insert(0, str(ROOT))
     from trainer.config import LoraConfig, ModelConfig, RunConfig
     from trainer.families import get_family
     from trainer.loop import add_lora

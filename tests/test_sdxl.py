@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import draw_image, kill_after_checkpoint, read_events, run_trainer, tiny_config
 from safetensors import safe_open
-from test_trainer import assert_ok, lora_of, max_diff
+from test_trainer import assert_ok, assert_two_processes_match_one, lora_of, max_diff
 
 from trainer.config import ModelConfig, parse_config
 from trainer.data import Framing, prepare_framed
@@ -159,15 +159,7 @@ def test_it_learns_and_diffusers_adapts_every_module(tmp_path, tiny_sdxl_dir, tw
 
 
 def test_two_processes_match_one(tmp_path, tiny_sdxl_dir, two_image_folder) -> None:
-    one = tiny_config(tmp_path / "one", tiny_sdxl_dir, two_image_folder, train={"batch_size": 2},
-                      data={"random_flip": True})
-    two = tiny_config(tmp_path / "two", tiny_sdxl_dir, two_image_folder, train={"batch_size": 1},
-                      data={"random_flip": True})
-    assert_ok(run_trainer(one))
-    assert_ok(run_trainer(two, num_processes=2))
-    assert next(e for e in read_events(tmp_path / "two") if e["type"] == "start")["processes"] == 2
-    assert max_diff(lora_of(one), lora_of(two)) < 1e-5
-    assert max(float(v.abs().max()) for k, v in lora_of(one).items() if "lora_up" in k) > 1e-4
+    assert_two_processes_match_one(tmp_path, tiny_sdxl_dir, two_image_folder, data={"random_flip": True})
 
 
 def test_killed_run_resumes_to_the_same_lora(tmp_path, tiny_sdxl_dir, two_image_folder) -> None:

@@ -54,7 +54,7 @@ def kohya_state_dict(
     tensors: dict[str, torch.Tensor] = {}
     for prefix, model in parts.items():
         _check_init(model, prefix, adapter)
-        layers = list(_lora_layers(model, adapter))
+        layers = list(lora_layers(model, adapter))
         if not layers:
             raise ValueError(f"no LoRA layers (adapter {adapter!r}) found in {prefix}")
         for path, layer in layers:
@@ -74,7 +74,8 @@ def _check_init(model: torch.nn.Module, part: str, adapter: str) -> None:
         )
 
 
-def _lora_layers(model: torch.nn.Module, adapter: str) -> Iterator[tuple[str, Any]]:
+def lora_layers(model: torch.nn.Module, adapter: str) -> Iterator[tuple[str, Any]]:
+    """(module path, peft LoRA layer) of every layer holding `adapter`."""
     from peft.tuners.lora import LoraLayer
 
     for path, module in model.named_modules():
