@@ -146,8 +146,14 @@ def vae_tensors(config_dir: Path = CONFIG_DIR, seed: int = SEED + 1) -> dict[str
 
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae"))
+    return ldm_vae_state_dict(vae, VAE_PREFIX, torch.float16)
+
+
+def ldm_vae_state_dict(vae, prefix: str = "", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A diffusers AutoencoderKL's tensors under LDM's names (what ComfyUI's VAE files and checkpoints hold)."""
     blocks = len(vae.config.block_out_channels)
-    tensors = _convert(vae.state_dict(), lambda name: VAE_PREFIX + ldm_vae_key(name, blocks))
+    tensors = {prefix + ldm_vae_key(name, blocks): value.detach().to(dtype or value.dtype).contiguous()
+               for name, value in vae.state_dict().items()}
     for key, value in tensors.items():
         if ".mid.attn_1." in key and key.endswith(".weight") and value.ndim == 2:
             tensors[key] = value.reshape(*value.shape, 1, 1)  # LDM's VAE attention uses 1x1 convs

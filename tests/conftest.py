@@ -85,6 +85,27 @@ def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path)
     return save_tiny_sdxl_model(tmp_path_factory.mktemp("tiny-sdxl") / "model", tokenizer_dir)
 
 
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Any]:
+    """The tiny FLUX.1 dev as ComfyUI users keep it (separate files), and the config's model section for it."""
+    return tiny_flux_model(tmp_path_factory.mktemp("tiny-flux-dev"), tokenizer_dir, guidance=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Any]:
+    return tiny_flux_model(tmp_path_factory.mktemp("tiny-flux-schnell"), tokenizer_dir, guidance=False)
+
+
+def tiny_flux_model(folder: Path, tokenizer_dir: Path, guidance: bool) -> dict[str, Any]:
+    from tiny_model import save_tiny_flux_files
+
+    files = save_tiny_flux_files(folder, guidance)
+    # the text encoders in the order T5, CLIP-L: the trainer tells them apart by their weights
+    model = {"path": str(files["transformer"]), "text_encoders": [str(files["t5"]), str(files["clip_l"])],
+             "vae": str(files["vae"]), "tokenizer_dir": str(tokenizer_dir)}
+    return {"files": files, "model": model}
+
+
 def draw_image(path: Path, size: tuple[int, int], color: tuple[int, int, int], shape: str = "circle") -> Path:
     image = Image.new("RGB", size, (240, 240, 240))
     draw = ImageDraw.Draw(image)

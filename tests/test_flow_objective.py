@@ -48,17 +48,19 @@ def test_flux_resolution_shift_matches_diffusers() -> None:
     assert shift_for_tokens(4096) == pytest.approx(math.exp(1.15))
     assert shift_for_tokens(256) == pytest.approx(math.exp(0.5))
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential")
-    for tokens in (256, 1024, 4096):
+    objective = FlowMatchObjective(TimestepSampling(resolution_shift=True))
+    for side in (32, 64, 128):  # latent sides of 256, 512 and 1024 px: 256, 1024 and 4096 tokens of 2x2
+        tokens = (side // 2) ** 2
         mu = calculate_shift(tokens)
-        objective = FlowMatchObjective(TimestepSampling(resolution_shift=True), image_tokens=tokens)
-        ours = objective.timesteps(ALL_BINS).double()
+        ours = objective.timesteps(ALL_BINS, (16, side, side)).double()
         theirs = scheduler.time_shift(mu, 1.0, (ALL_BINS.double() + 0.5) / BINS)
         assert (ours - theirs).abs().max().item() < 1e-6
 
 
-def test_resolution_shift_needs_the_token_count() -> None:
-    with pytest.raises(ValueError, match="image tokens"):
-        FlowMatchObjective(TimestepSampling(resolution_shift=True))
+def test_a_wider_bucket_is_shifted_towards_noise() -> None:
+    objective = FlowMatchObjective(TimestepSampling(resolution_shift=True))
+    square, wide = objective.timesteps(ALL_BINS, (16, 64, 64)), objective.timesteps(ALL_BINS, (16, 64, 128))
+    assert torch.all(wide[1:-1] > square[1:-1])
 
 
 def test_the_target_is_the_velocity_of_the_straight_line() -> None:

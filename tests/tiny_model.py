@@ -168,12 +168,14 @@ def save_tiny_sdxl_model(dest: Path, tokenizer_dir: Path) -> Path:
 
 # ---- FLUX.1 (flow matching; a transformer on 2x2-packed 16-channel latents, CLIP-L pooled + T5 hidden states)
 
-FLUX_TEXT_DIMS = (32, 24)  # CLIP-L's width (pooled projection) and T5's (the joint attention context)
+# CLIP-L's width (pooled projection) and T5's (the joint attention context); both keep their 64-wide heads, so
+# the trainer reads every size from the weights as it does for the full models
+FLUX_TEXT_DIMS = (64, 32)
+FLUX_HEAD = 32  # the rotary axes split it as FLUX.1's 128 is split: 4 + 14 + 14
 
 
 def build_flux_transformer(guidance: bool = True):
-    """FLUX.1 dev (guidance embedding) or schnell (none): one double-stream and one single-stream block; the
-    rotary axes add up to the head width, as FLUX's do (16 + 56 + 56 = 128)."""
+    """FLUX.1 dev (guidance embedding) or schnell (none): one double-stream and one single-stream block."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(5)
@@ -182,25 +184,25 @@ def build_flux_transformer(guidance: bool = True):
         in_channels=64,  # 16 latent channels, packed 2x2
         num_layers=1,
         num_single_layers=1,
-        attention_head_dim=16,
+        attention_head_dim=FLUX_HEAD,
         num_attention_heads=2,
         joint_attention_dim=FLUX_TEXT_DIMS[1],
         pooled_projection_dim=FLUX_TEXT_DIMS[0],
         guidance_embeds=guidance,
-        axes_dims_rope=(4, 6, 6),
+        axes_dims_rope=(FLUX_HEAD // 8, FLUX_HEAD * 7 // 16, FLUX_HEAD * 7 // 16),
     )
 
 
 def build_flux_vae() -> AutoencoderKL:
-    """FLUX's VAE layout: 16 latent channels, an 8x downscale, a shift as well as a scale."""
+    """FLUX's VAE layout: 16 latent channels, an 8x downscale, a shift as well as a scale, 32 norm groups."""
     torch.manual_seed(6)
     return AutoencoderKL(
-        block_out_channels=(16, 16, 16, 16),
+        block_out_channels=(32, 32, 32, 32),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=16,
         layers_per_block=1,
-        norm_num_groups=8,
+        norm_num_groups=32,
         sample_size=64,
         scaling_factor=0.3611,
         shift_factor=0.1159,
@@ -213,14 +215,95 @@ def build_flux_text_encoders():
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(7)
-    clip = CLIPTextModel(clip_config(FLUX_TEXT_DIMS[0], pad_token_id=49407))
-    t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=FLUX_TEXT_DIMS[1], d_kv=8, d_ff=48, num_layers=1,
-                                 num_heads=3, feed_forward_proj="gated-gelu", is_encoder_decoder=False))
+    clip_cfg = clip_config(FLUX_TEXT_DIMS[0], pad_token_id=49407)
+    clip_cfg.num_attention_heads = 1
+    clip = CLIPTextModel(clip_cfg)
+    t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=FLUX_TEXT_DIMS[1], d_kv=64, d_ff=48, num_layers=1,
+                                 num_heads=1, feed_forward_proj="gated-gelu", is_encoder_decoder=False))
     return clip, t5
 
 
-def save_tiny_flux_model(dest: Path, tokenizer_dir: Path, t5_tokenizer_dir: Path, guidance: bool = True) -> Path:
-    """Write the tiny FLUX.1 model as a diffusers folder (CLIP tokenizer from `tokenizer_dir`, T5's from
+def bfl_transformer_tensors(model) -> dict[str, torch.Tensor]:
+    """A diffusers FluxTransformer2DModel's tensors in Black Forest Labs' layout (ComfyUI's
+    models/diffusion_models): the inverse of trainer/families/flux_layout.to_diffusers, written out here on
+    its own so that a mistake in one is not repeated in the other."""
+    return bfl_tensors(model.state_dict(), model.config)
+
+
+def bfl_tensors(state_dict: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """`bfl_transformer_tensors` of a diffusers-named state dict (weights, or the deltas a LoRA makes)."""
+    sd = {k: v.detach().clone().contiguous() for k, v in state_dict.items()}
+    out: dict[str, torch.Tensor] = {}
+
+    def take(name: str) -> torch.Tensor:
+        return sd.pop(name)
+
+    for i in range(config.num_layers):
+        d, b = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        for kind in ("weight", "bias"):
+            out[f"{b}.img_attn.qkv.{kind}"] = torch.cat([take(f"{d}.attn.to_{x}.{kind}") for x in "qkv"])
+            out[f"{b}.txt_attn.qkv.{kind}"] = torch.cat([take(f"{d}.attn.add_{x}_proj.{kind}") for x in "qkv"])
+            for theirs, ours in (("img_mod.lin", "norm1.linear"), ("txt_mod.lin", "norm1_context.linear"),
+                                 ("img_attn.proj", "attn.to_out.0"), ("txt_attn.proj", "attn.to_add_out"),
+                                 ("img_mlp.0", "ff.net.0.proj"), ("img_mlp.2", "ff.net.2"),
+                                 ("txt_mlp.0", "ff_context.net.0.proj"), ("txt_mlp.2", "ff_context.net.2")):
+                out[f"{b}.{theirs}.{kind}"] = take(f"{d}.{ours}.{kind}")
+        for theirs, ours in (("img_attn.norm.query_norm", "attn.norm_q"), ("img_attn.norm.key_norm", "attn.norm_k"),
+                             ("txt_attn.norm.query_norm", "attn.norm_added_q"),
+                             ("txt_attn.norm.key_norm", "attn.norm_added_k")):
+            out[f"{b}.{theirs}.scale"] = take(f"{d}.{ours}.weight")
+    for i in range(config.num_single_layers):
+        d, b = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        for kind in ("weight", "bias"):
+            out[f"{b}.linear1.{kind}"] = torch.cat([take(f"{d}.attn.to_{x}.{kind}") for x in "qkv"]
+                                                   + [take(f"{d}.proj_mlp.{kind}")])
+            out[f"{b}.linear2.{kind}"] = take(f"{d}.proj_out.{kind}")
+            out[f"{b}.modulation.lin.{kind}"] = take(f"{d}.norm.linear.{kind}")
+        out[f"{b}.norm.query_norm.scale"] = take(f"{d}.attn.norm_q.weight")
+        out[f"{b}.norm.key_norm.scale"] = take(f"{d}.attn.norm_k.weight")
+    embedders = {"img_in": "x_embedder", "txt_in": "context_embedder", "final_layer.linear": "proj_out",
+                 "time_in": "time_text_embed.timestep_embedder", "vector_in": "time_text_embed.text_embedder",
+                 "guidance_in": "time_text_embed.guidance_embedder"}
+    for kind in ("weight", "bias"):
+        for theirs, ours in embedders.items():
+            if theirs.endswith("_in") and theirs not in ("img_in", "txt_in"):
+                if f"{ours}.linear_1.{kind}" in sd:
+                    out[f"{theirs}.in_layer.{kind}"] = take(f"{ours}.linear_1.{kind}")
+                    out[f"{theirs}.out_layer.{kind}"] = take(f"{ours}.linear_2.{kind}")
+            else:
+                out[f"{theirs}.{kind}"] = take(f"{ours}.{kind}")
+        scale, shift = take(f"norm_out.linear.{kind}").chunk(2)
+        out[f"final_layer.adaLN_modulation.1.{kind}"] = torch.cat([shift, scale])
+    assert not sd, f"diffusers FLUX tensors without a BFL name: {sorted(sd)}"
+    return out
+
+
+def save_tiny_flux_files(dest: Path, guidance: bool = True) -> dict[str, Path]:
+    """The tiny FLUX.1 as ComfyUI users keep FLUX: the transformer in models/diffusion_models' layout, CLIP-L and
+    T5 as models/text_encoders files, the VAE as a models/vae file (the original LDM layout)."""
+    from safetensors.torch import save_file
+
+    from scripts.make_random_sd15 import ldm_vae_state_dict
+
+    dest.mkdir(parents=True, exist_ok=True)
+    variant = "dev" if guidance else "schnell"
+    clip, t5 = build_flux_text_encoders()
+    files = {
+        "transformer": (dest / f"flux1-tiny-{variant}.safetensors",
+                        bfl_transformer_tensors(build_flux_transformer(guidance))),
+        "clip_l": (dest / "clip_l-tiny.safetensors",
+                   {f"text_model.{k}": v.contiguous() for k, v in clip.state_dict().items()}),
+        "t5": (dest / "t5-tiny.safetensors", {k: v.contiguous() for k, v in t5.state_dict().items()
+                                              if not k.startswith("encoder.embed_tokens.")}),
+        "vae": (dest / "ae-tiny.safetensors", ldm_vae_state_dict(build_flux_vae())),
+    }
+    for path, tensors in files.values():
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path))
+    return {role: path for role, (path, _) in files.items()}
+
+
+def save_tiny_flux_folder(dest: Path, tokenizer_dir: Path, t5_tokenizer_dir: Path, guidance: bool = True) -> Path:
+    """The same tiny FLUX.1 as a diffusers folder (the CLIP tokenizer from `tokenizer_dir`, T5's from
     `t5_tokenizer_dir`: ComfyUI ships both)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -230,8 +313,7 @@ def save_tiny_flux_model(dest: Path, tokenizer_dir: Path, t5_tokenizer_dir: Path
     clip, t5 = build_flux_text_encoders()
     clip.save_pretrained(dest / "text_encoder")
     t5.save_pretrained(dest / "text_encoder_2")
-    FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                    base_image_seq_len=256, max_image_seq_len=4096).save_pretrained(dest / "scheduler")
+    FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True).save_pretrained(dest / "scheduler")
     copy_clip_tokenizer(tokenizer_dir, dest / "tokenizer", "<|endoftext|>")
     shutil.copytree(t5_tokenizer_dir, dest / "tokenizer_2", dirs_exist_ok=True)
     (dest / "model_index.json").write_text(json.dumps({

@@ -24,7 +24,9 @@ LrScheduler = Literal[
 MixedPrecision = Literal["no", "fp16", "bf16", "auto"]  # auto: bf16 or fp16 on CUDA, fp32 elsewhere
 Device = Literal["auto", "cpu", "cuda", "mps"]
 PredictionType = Literal["epsilon", "v_prediction"]
-Family = Literal["auto", "sd15", "sdxl"]  # auto: read from the base model (families/detect.py)
+Family = Literal["auto", "sd15", "sdxl", "flux"]  # auto: read from the base model (families/detect.py)
+# how the flow-matching families draw σ (families/flow.py); auto: the family's own choice
+TimestepSampling = Literal["auto", "uniform", "logit_normal", "sigmoid"]
 
 
 class ConfigError(ValueError):
@@ -37,8 +39,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    path: str = ""  # single-file checkpoint (.safetensors/.ckpt) or diffusers folder
+    path: str = ""  # single-file checkpoint (.safetensors/.ckpt), diffusion model file, or diffusers folder
     family: Family = "auto"
+    # the families whose diffusion model comes alone (models/diffusion_models): their text encoder files
+    # (models/text_encoders, any order: each is recognised by its weights) and VAE file (models/vae)
+    text_encoders: list[str] = field(default_factory=list)
+    vae: str | None = None
     tokenizer_dir: str | None = None  # None: search (see families/tokenizers.py: find_tokenizer_dir)
     prediction_type: PredictionType | None = None  # None: from the scheduler config
     zero_terminal_snr: bool = False  # rescale the noise schedule to zero SNR at its end (v-prediction models)
@@ -92,6 +98,12 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     min_snr_gamma: float = 0.0  # 0: off
     noise_offset: float = 0.0
+    # flow-matching families (FLUX ...): how σ is drawn, its shift, and FLUX dev's guidance input
+    timestep_sampling: TimestepSampling = "auto"
+    logit_mean: float = 0.0  # logit_normal's mean (sigmoid: 0)
+    logit_std: float = 1.0  # logit_normal's standard deviation, sigmoid's scale
+    timestep_shift: float = 0.0  # 0: the family's own (FLUX dev: by resolution, schnell: 1); else a fixed shift
+    guidance: float = 1.0  # the guidance value a guidance-distilled model (FLUX dev) is trained at
     save_every_steps: int = 0  # 0: only at the end (and on SIGTERM/SIGINT)
     resume: bool = True
     cache_dir: str | None = None  # None: RUN_DIR/cache
@@ -236,6 +248,9 @@ def _range_problems(cfg: RunConfig) -> list[str]:
         (t.max_grad_norm < 0, "train.max_grad_norm: 0 (off) or more"),
         (t.min_snr_gamma < 0, "train.min_snr_gamma: 0 (off) or more"),
         (t.noise_offset < 0, "train.noise_offset: 0 (off) or more"),
+        (t.logit_std <= 0, "train.logit_std: greater than 0"),
+        (t.timestep_shift < 0, "train.timestep_shift: 0 (the family's own) or more"),
+        (t.guidance < 0, "train.guidance: 0 or more"),
         (t.save_every_steps < 0, "train.save_every_steps: 0 (end only) or more"),
         (s.every_steps < 0, "sample.every_steps: 0 or more"),
         (s.steps < 1, "sample.steps: 1 or more"),

@@ -48,6 +48,7 @@ def encode_dataset(
     text_cache = TensorCache(cfg.cache_dir, "text")
     vae = components.vae
     scaling = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0  # FLUX's VAE centres its latents as well
     encode_text = not family.trained_text_encoders(cfg.lora)
     encoded, hits = [], 0
     for index, item in enumerate(items):
@@ -60,7 +61,8 @@ def encode_dataset(
         if cached is None:
             pixels, framing = prepare_framed(image, bucket, data.crop, crop_rng if data.crop == "random" else None)
             variants = {"plain": pixels} | ({"flipped": flip(pixels)} if data.random_flip else {})
-            cached = {name: latents * scaling for name, latents in _encode_images(vae, variants, device).items()}
+            cached = {name: (latents - shift) * scaling
+                      for name, latents in _encode_images(vae, variants, device).items()}
             cached["framing"] = framing.as_tensor()
             if data.random_flip:
                 cached["framing_flipped"] = framing.flipped().as_tensor()

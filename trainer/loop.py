@@ -103,6 +103,15 @@ def require_batch_fits(cfg: RunConfig, images: int, processes: int) -> None:
         )
 
 
+def require_pixel_multiple(cfg: RunConfig, family: ModelFamily) -> None:
+    multiple = family.pixel_multiple
+    sides = {"data.resolution": cfg.data.resolution, "data.bucket_step": cfg.data.bucket_step,
+             "sample.width": cfg.sample.width, "sample.height": cfg.sample.height}
+    wrong = [f"{name} {value}" for name, value in sides.items() if value % multiple]
+    if wrong:
+        raise ValueError(f"{family.label} needs picture sides in multiples of {multiple}: {', '.join(wrong)}")
+
+
 def failure_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
@@ -192,7 +201,7 @@ def assemble_batch(
     batch: dict[str, Any] = {
         "latents": torch.stack(latents),
         "noise": torch.stack(noise),
-        "timesteps": objective.timesteps(torch.tensor(steps)),
+        "timesteps": objective.timesteps(torch.tensor(steps), tuple(latents[0].shape)),  # one bucket a batch
         "framing": torch.stack(framing),
         "tokens": {prefix: torch.stack([t[prefix] for t in tokens]) for prefix in tokens[0]},
     }
@@ -240,8 +249,10 @@ class Trainer:
         self.accelerator = acc = make_accelerator(cfg, self.warn)
         self.device = acc.device
         self.family = family_for(cfg.model)
+        self.family.configure(cfg.train)
         cfg.model.family = self.family.name  # "auto" resolved: the LoRA's metadata names the family
         cfg.data.resolution = cfg.data.resolution or self.family.default_resolution
+        require_pixel_multiple(cfg, self.family)
         self.items, warnings = load_items(cfg.data)
         for message in warnings:
             self.warn(message)
@@ -299,10 +310,9 @@ class Trainer:
         self.check_stop()
 
     def _truncation_warning(self) -> None:
-        tokenizer, limit = next(iter(self.components.tokenizers.values())), self.family.max_tokens
-        long = sum(len(tokenizer(item.caption).input_ids) > limit for item in self.items)
+        long = self.family.truncated_captions(self.components, [item.caption for item in self.items])
         if long:
-            self.warn(f"{long} caption(s) longer than {limit} tokens were truncated")
+            self.warn(f"{long} caption(s) longer than {self.family.max_tokens} tokens were truncated")
 
     def _free_encoders(self) -> None:
         """Move the VAE (and a frozen text encoder) off the accelerator before the first step.

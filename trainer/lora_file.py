@@ -58,7 +58,8 @@ def kohya_state_dict(
         if not layers:
             raise ValueError(f"no LoRA layers (adapter {adapter!r}) found in {prefix}")
         for path, layer in layers:
-            tensors.update(_layer_tensors(family.kohya_name(prefix, model, path), layer, adapter, alpha))
+            name = family.kohya_name(prefix, model, path)
+            tensors.update(_layer_tensors(name, layer, adapter, alpha, family.lora_weight_names))
     return tensors
 
 
@@ -83,13 +84,18 @@ def lora_layers(model: torch.nn.Module, adapter: str) -> Iterator[tuple[str, Any
             yield path, module
 
 
-def _layer_tensors(name: str, layer: Any, adapter: str, alpha: float) -> dict[str, torch.Tensor]:
+def _layer_tensors(
+    name: str, layer: Any, adapter: str, alpha: float, weight_names: tuple[str, str] = ("lora_down", "lora_up")
+) -> dict[str, torch.Tensor]:
+    """`weight_names`: what the family's loaders call the down and up matrices (kohya: lora_down / lora_up,
+    diffusers' peft layout: lora_A / lora_B); the alpha is written beside them in either layout."""
     _check_layer(name, layer, adapter, alpha)
     down = layer.lora_A[adapter].weight
     up = layer.lora_B[adapter].weight
+    down_name, up_name = weight_names
     return {
-        f"{name}.lora_down.weight": _export(down),
-        f"{name}.lora_up.weight": _export(up),
+        f"{name}.{down_name}.weight": _export(down),
+        f"{name}.{up_name}.weight": _export(up),
         f"{name}.alpha": torch.tensor(float(alpha), dtype=torch.float32),
     }
 
@@ -212,7 +218,9 @@ def shareable_config(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(
         cfg,
         run_dir=_name(cfg.run_dir),
-        model=dataclasses.replace(cfg.model, path=_name(cfg.model.path), tokenizer_dir=None),
+        model=dataclasses.replace(cfg.model, path=_name(cfg.model.path), tokenizer_dir=None,
+                                  text_encoders=[_name(p) for p in cfg.model.text_encoders],
+                                  vae=_optional_name(cfg.model.vae)),
         data=dataclasses.replace(d, manifest=_optional_name(d.manifest), folder=_optional_name(d.folder)),
         train=dataclasses.replace(cfg.train, cache_dir=None),
         output=dataclasses.replace(cfg.output, lora_path=_name(cfg.output.lora_path)),
@@ -353,7 +361,8 @@ def _modelspec(
     cfg: RunConfig, family: ModelFamily, finished_at: float, prediction_type: str | None
 ) -> dict[str, Any]:
     resolution = cfg.data.resolution
-    # the trainer's target is the noise for "epsilon" and the velocity for anything else: modelspec's "v"
+    # the trainer's target is the noise for "epsilon", the flow velocity (noise - picture) for the
+    # flow-matching families, and the DDPM velocity for anything else: modelspec's "v"
     prediction = prediction_type or cfg.model.prediction_type or "epsilon"
     return {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
@@ -362,7 +371,7 @@ def _modelspec(
         "modelspec.title": _title(cfg),
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": datetime.fromtimestamp(finished_at, tz=timezone.utc).isoformat(timespec="seconds"),
-        "modelspec.prediction_type": "epsilon" if prediction == "epsilon" else "v",
+        "modelspec.prediction_type": prediction if prediction in ("epsilon", "flow") else "v",
     }
 
 

@@ -17,6 +17,10 @@ def get_family(name: str) -> ModelFamily:
         from .sdxl import SDXL
 
         return SDXL
+    if name == "flux":
+        from .flux import FLUX
+
+        return FLUX
     raise ValueError(f"unknown model family {name!r}")
 
 
@@ -29,9 +33,9 @@ def family_for(model: ModelConfig) -> ModelFamily:
     """The family of the base model; UnsupportedModelError when no family trains it, or when the file is of
     another family than the config names."""
     if model.family == "auto":
-        return get_family(detect_family(model.path))
+        return get_family(detect_family(model.path)).for_model(model)
     require_family(model.path, model.family)
-    return get_family(model.family)
+    return get_family(model.family).for_model(model)
 
 
 __all__ = [

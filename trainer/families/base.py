@@ -27,8 +27,9 @@ class Objective(ABC):
     num_timesteps: int
 
     @abstractmethod
-    def timesteps(self, drawn: torch.Tensor) -> torch.Tensor:
-        """The timesteps the denoiser sees for integers drawn uniformly from [0, num_timesteps)."""
+    def timesteps(self, drawn: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """The timesteps the denoiser sees for integers drawn uniformly from [0, num_timesteps), for a batch of
+        latents of `latent_shape` (C, h, w) (a resolution-dependent shift reads the size)."""
 
     @abstractmethod
     def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -75,7 +76,16 @@ class ModelFamily(ABC):
     modelspec_implementation: str  # modelspec.implementation, as kohya's sai_model_spec writes it
     max_tokens: int  # the text encoders' context, start and end tokens included
     default_resolution: int  # the side of the square bucket the family was trained at
+    pixel_multiple: int = 8  # picture sides must be multiples of this (the VAE's downscale, times a patch)
     text_encoder_names: dict[str, str]  # LoRA prefix -> what users call that encoder
+    # what the family's loaders call a LoRA layer's down and up matrices in the file (kohya's names, or
+    # diffusers' peft names lora_A / lora_B where those are what every loader of the family reads)
+    lora_weight_names: tuple[str, str] = ("lora_down", "lora_up")
+
+    def for_model(self, model: ModelConfig) -> ModelFamily:
+        """The family as it trains this base model: itself, or a variant read from the weights (FLUX.1 dev or
+        schnell) whose metadata and conditioning differ."""
+        return self
 
     @abstractmethod
     def check(self, model: ModelConfig) -> None:
@@ -110,8 +120,18 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def kohya_name(self, prefix: str, model: torch.nn.Module, module_path: str) -> str:
-        """The kohya key stem (`lora_unet_...`) of a module of one part (`model`), as ComfyUI, A1111/Forge and
-        kohya read it for this family."""
+        """The key stem of a module of one part (`model`) in the LoRA file (`lora_unet_...` for the UNet
+        families), as ComfyUI, A1111/Forge, kohya and diffusers read it for this family."""
+
+    def truncated_captions(self, components: Components, captions: list[str]) -> int:
+        """How many captions are longer than the text encoders' context (they are cut to it)."""
+        tokenizer = next(iter(components.tokenizers.values()))
+        return sum(len(tokenizer(caption).input_ids) > self.max_tokens for caption in captions)
+
+    def configure(self, train: TrainConfig) -> None:
+        """Take the training settings the family's conditioning depends on (FLUX dev's guidance input) before
+        the first `predict`; nothing for most families."""
+        return None
 
     @abstractmethod
     def tokenize(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:

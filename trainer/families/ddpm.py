@@ -39,7 +39,7 @@ class DDPMObjective(Objective):
     def prediction_type(self) -> str:
         return self.scheduler.config.prediction_type
 
-    def timesteps(self, drawn: torch.Tensor) -> torch.Tensor:
+    def timesteps(self, drawn: torch.Tensor, latent_shape: tuple[int, ...] = ()) -> torch.Tensor:
         return drawn.long()
 
     def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

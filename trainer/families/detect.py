@@ -52,12 +52,16 @@ SDXL = CheckpointKind("sdxl", "SDXL", family="sdxl", components=SDXL_COMPONENTS)
 SDXL_DISTILLED = CheckpointKind("sdxl_distilled", "distilled SDXL (SSD-1B, Vega or KOALA)", article="a")
 SDXL_REFINER = CheckpointKind("sdxl_refiner", "SDXL refiner")
 SD3 = CheckpointKind("sd3", "SD 3")
-FLUX = CheckpointKind("flux", "Flux", article="a")
+FLUX = CheckpointKind("flux", "FLUX.1", article="a", family="flux")  # text encoders and VAE may be files apart
+FLUX_CONTROL = CheckpointKind("flux_control", "FLUX.1 Fill, Depth or Canny (extra input channels)", article="a")
+FLUX2 = CheckpointKind("flux2", "FLUX.2", article="a")
+CHROMA = CheckpointKind("chroma", "Chroma", article="a")
 LORA = CheckpointKind("lora", "LoRA", article="a")
 UNKNOWN = CheckpointKind("unknown", "unknown")
-TRAINED = (SD1, SDXL)
-FAMILY_LABELS = {"sd15": "SD 1.5", "sdxl": "SDXL"}  # the family modules' labels, for messages
-TRAINED_NAMES = " and ".join(FAMILY_LABELS[kind.family] for kind in TRAINED)
+TRAINED = (SD1, SDXL, FLUX)
+FAMILY_LABELS = {"sd15": "SD 1.5", "sdxl": "SDXL", "flux": "FLUX.1"}  # the family modules' labels, for messages
+TRAINED_NAMES = ", ".join(FAMILY_LABELS[kind.family] for kind in TRAINED[:-1]) + f" and {FAMILY_LABELS['flux']}"
+FLUX_PACKED_CHANNELS = 64  # FLUX.1's 16 latent channels in 2x2 patches: its img_in input
 
 # Cross-attention context width of a UNet's attn2.to_k -> model family
 CONTEXT_DIMS = {768: SD1, 1024: SD2, 2048: SDXL, 1280: SDXL_REFINER}
@@ -113,6 +117,8 @@ def require_family(path: PathLike, family: str) -> None:
 
 
 def _article(name: str) -> str:
+    if name.startswith("FLUX"):
+        return "a"  # a word, not letters
     return "an" if name[:1] in "AEFHILMNORSX" else "a"  # by the letter's sound: "an SD", "an SDXL"
 
 
@@ -201,7 +207,7 @@ def _kind_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> CheckpointKind:
     if any(_is_lora_key(key) for key in keys):
         return LORA
     if any("double_blocks." in key for key in keys):
-        return FLUX
+        return _flux_kind(shapes)
     if any("joint_blocks." in key for key in keys):
         return SD3
     if _has_prefix(keys, "conditioner.embedders.1."):
@@ -219,6 +225,19 @@ def _kind_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> CheckpointKind:
     if kind == SD1 and _unet_in_channels(shapes) not in (None, 4):
         return UNKNOWN
     return kind
+
+
+def _flux_kind(shapes: Mapping[str, tuple[int, ...]]) -> CheckpointKind:
+    """FLUX.1 dev or schnell, or a relative whose extra parts FLUX.1's family does not train."""
+    bare = {key.removeprefix(UNET_PREFIX): shape for key, shape in shapes.items()}
+    if "double_stream_modulation_img.lin.weight" in bare:
+        return FLUX2
+    if any(key.startswith("distilled_guidance_layer.") for key in bare):
+        return CHROMA
+    image_in = bare.get("img_in.weight")
+    if image_in is None:
+        return UNKNOWN
+    return FLUX if image_in[1] == FLUX_PACKED_CHANNELS else FLUX_CONTROL
 
 
 def _sdxl_kind(shapes: Mapping[str, tuple[int, ...]]) -> CheckpointKind:
@@ -279,7 +298,9 @@ def _folder_kind(folder: Path) -> CheckpointKind:
     transformer = _read_json(folder / "transformer" / "config.json")
     if transformer is not None:
         class_name = str(transformer.get("_class_name", ""))
-        return FLUX if "Flux" in class_name else SD3 if "SD3" in class_name else UNKNOWN
+        if class_name == "FluxTransformer2DModel":
+            return FLUX if transformer.get("in_channels") == FLUX_PACKED_CHANNELS else FLUX_CONTROL
+        return FLUX2 if "Flux2" in class_name else SD3 if "SD3" in class_name else UNKNOWN
     unet = _read_json(folder / "unet" / "config.json")
     if unet is None:
         return UNKNOWN

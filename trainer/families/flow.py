@@ -54,18 +54,22 @@ class FlowMatchObjective(Objective):
 
     num_timesteps = BINS
 
-    def __init__(self, sampling: TimestepSampling, image_tokens: int | None = None):
-        """`image_tokens`: the patches of one training latent, for the resolution-dependent shift."""
-        if sampling.resolution_shift and image_tokens is None:
-            raise ValueError("a resolution-dependent shift needs the number of image tokens")
+    def __init__(self, sampling: TimestepSampling, patch: int = 2):
+        """`patch`: the side of the latent patch one image token covers (the resolution shift counts tokens)."""
         self.sampling = sampling
-        self.shift = shift_for_tokens(image_tokens) if sampling.resolution_shift else sampling.shift
+        self.patch = patch
+
+    def shift_for(self, latent_shape: tuple[int, ...]) -> float:
+        """The shift for latents of `latent_shape` (C, h, w): FLUX's by image tokens, or the fixed one."""
+        if not self.sampling.resolution_shift:
+            return self.sampling.shift
+        return shift_for_tokens((latent_shape[-2] // self.patch) * (latent_shape[-1] // self.patch))
 
     @property
     def prediction_type(self) -> str:
         return "flow"
 
-    def timesteps(self, drawn: torch.Tensor) -> torch.Tensor:
+    def timesteps(self, drawn: torch.Tensor, latent_shape: tuple[int, ...] = ()) -> torch.Tensor:
         """σ in (0, 1) per sample (float32), from integers drawn uniformly from [0, BINS)."""
         u = (drawn.double() + 0.5) / BINS
         if self.sampling.density == "logit_normal":
@@ -73,7 +77,7 @@ class FlowMatchObjective(Objective):
             sigmas = torch.sigmoid(self.sampling.logit_mean + self.sampling.logit_std * normal)
         else:
             sigmas = u
-        return shifted(sigmas, self.shift).float()
+        return shifted(sigmas, self.shift_for(latent_shape)).float()
 
     def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         sigma = _per_sample(timesteps, latents)

@@ -1,4 +1,5 @@
-"""CLIP tokenizer files, found offline: every CLIP-based family (SD 1.5, SDXL) tokenizes with the same BPE files."""
+"""Tokenizer files, found offline: every CLIP-based family tokenizes with the same BPE files, and ComfyUI ships
+T5's beside them."""
 
 from __future__ import annotations
 
@@ -32,6 +33,30 @@ def tokenizer_search_path(model: ModelConfig) -> list[Path]:
     comfy_roots += [PACK_ROOT.parent.parent, PACK_ROOT / ".runtime" / "ComfyUI"]
     candidates += [root / "comfy" / "sd1_tokenizer" for root in comfy_roots]
     return candidates
+
+
+def t5_tokenizer_search_path(model: ModelConfig) -> list[Path]:
+    """Where T5's tokenizer files are looked for: a diffusers base model's `tokenizer_2/`, then ComfyUI's copy,
+    `comfy/text_encoders/t5_tokenizer`, beside the CLIP tokenizer folder of the config and in the ComfyUI
+    roots the CLIP files are looked for in."""
+    candidates = []
+    if is_diffusers_folder(model.path):
+        candidates.append(Path(model.path) / "tokenizer_2")
+    if model.tokenizer_dir:
+        candidates.append(Path(model.tokenizer_dir).parent / "text_encoders" / "t5_tokenizer")
+    candidates += [folder.parent / "text_encoders" / "t5_tokenizer" for folder in tokenizer_search_path(model)
+                   if folder.name == "sd1_tokenizer"]
+    return candidates
+
+
+def find_t5_tokenizer_dir(model: ModelConfig) -> Path:
+    candidates = t5_tokenizer_search_path(model)
+    for folder in candidates:
+        if (folder / "tokenizer.json").is_file() or (folder / "spiece.model").is_file():
+            return folder
+    looked = "\n".join(f"  {c}" for c in candidates)
+    raise FileNotFoundError(f"T5 tokenizer files (tokenizer.json) not found; ComfyUI has them in "
+                            f"comfy/text_encoders/t5_tokenizer. Looked in:\n{looked}")
 
 
 def find_tokenizer_dir(model: ModelConfig) -> Path:

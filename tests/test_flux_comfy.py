@@ -1,0 +1,127 @@
+"""ComfyUI's own FLUX code on the tiny FLUX.1 (tests/comfy_flux_probe.py, a subprocess in ComfyUI's folder):
+ComfyUI's FLUX model holding the tiny file predicts what the trainer's converted model predicts, and
+ComfyUI's LoraLoader uses every tensor of our LoRA files and applies the delta peft trained (< 1e-5), on
+every target preset, CLIP-L included. Runs on each ComfyUI the suite is run against (marker comfy_code)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_flux import lora_modules
+from tiny_model import FLUX_HEAD, FLUX_TEXT_DIMS, bfl_tensors
+
+from trainer.config import LoraConfig, ModelConfig, RunConfig
+from trainer.families import family_for
+from trainer.loop import add_lora, trained_parts
+from trainer.lora_file import kohya_state_dict, lora_layers
+
+pytestmark = pytest.mark.comfy_code
+PROBE = Path(__file__).absolute().parent / "comfy_flux_probe.py"
+CASES = {"dev": [("attention", False), ("attention_ff", False), ("all", True)], "schnell": [("all", True)]}
+TOLERANCE = 1e-5
+ALPHA = 2.0
+
+
+def write_lora(model: ModelConfig, preset: str, text_encoder: bool, path: Path) -> None:
+    """A LoRA of the preset through the trainer's own adapters and writer, its up matrices drawn at random (a
+    zero delta would prove nothing)."""
+    cfg = RunConfig(lora=LoraConfig(rank=4, alpha=ALPHA, targets=preset, train_text_encoder=text_encoder))
+    family = family_for(model)
+    components = family.load(model, torch.float32)
+    add_lora(cfg, family, components)
+    parts = trained_parts(cfg, family, components)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for part in parts.values():
+            for _, layer in lora_layers(part, "default"):
+                weight = layer.lora_B["default"].weight
+                weight.copy_(torch.randn(weight.shape, generator=g) * 0.05)
+    save_file(kohya_state_dict(parts, family, alpha=ALPHA), str(path))
+
+
+def expected_deltas(tensors: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """ComfyUI weight key -> the delta the file means, the transformer's mapped to BFL's fused weights."""
+    from tiny_model import build_flux_transformer
+
+    deltas = lora_modules(tensors)
+    full = {name: torch.zeros_like(value) for name, value in build_flux_transformer(config.guidance_embeds)
+            .state_dict().items()}
+    for name, delta in deltas.items():
+        if name.startswith("transformer."):
+            full[f"{name.removeprefix('transformer.')}.weight"] = delta
+    expected = {f"diffusion_model.{key}": value for key, value in bfl_tensors(full, config).items()
+                if key.endswith(".weight") and value.abs().max() > 0}
+    for name, delta in deltas.items():
+        if name.startswith("text_encoder."):
+            expected[f"clip_l.transformer.{name.removeprefix('text_encoder.')}.weight"] = delta
+    return expected
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def comfy_flux(request, tiny_flux, tiny_flux_schnell, comfy_dir, tmp_path_factory) -> dict:
+    variant = request.param
+    tiny = tiny_flux if variant == "dev" else tiny_flux_schnell
+    folder = tmp_path_factory.mktemp(f"comfy-flux-{variant}")
+    model = ModelConfig(**tiny["model"])
+    loras = {}
+    for preset, text_encoder in CASES[variant]:
+        loras[preset] = folder / f"lora-{preset}.safetensors"
+        write_lora(model, preset, text_encoder, loras[preset])
+    g = torch.Generator().manual_seed(3)
+    inputs = {"x": torch.randn(1, 16, 8, 12, generator=g), "timestep": torch.tensor([0.4]),
+              "context": torch.randn(1, 20, FLUX_TEXT_DIMS[1], generator=g),
+              "y": torch.randn(1, FLUX_TEXT_DIMS[0], generator=g), "guidance": torch.tensor([1.0])}
+    save_file(inputs, str(folder / "inputs.safetensors"))
+    sizes = {"hidden": 2 * FLUX_HEAD, "heads": 2, "depth": 1, "single": 1, "pooled": FLUX_TEXT_DIMS[0],
+             "context": FLUX_TEXT_DIMS[1], "guidance": variant == "dev",
+             "axes": [FLUX_HEAD // 8, FLUX_HEAD * 7 // 16, FLUX_HEAD * 7 // 16]}
+    request_body = {
+        "transformer": str(tiny["files"]["transformer"]), "clip_l": str(tiny["files"]["clip_l"]), "sizes": sizes,
+        "clip_config": {"hidden_size": FLUX_TEXT_DIMS[0], "intermediate_size": 2 * FLUX_TEXT_DIMS[0],
+                        "num_hidden_layers": 3, "num_attention_heads": 1, "hidden_act": "quick_gelu"},
+        "schnell": variant == "schnell", "loras": {k: str(v) for k, v in loras.items()},
+        "inputs": str(folder / "inputs.safetensors"), "out_dir": str(folder),
+    }
+    result = subprocess.run([sys.executable, str(PROBE)], input=json.dumps(request_body), cwd=comfy_dir,
+                            capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(PROBE.parent)))
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((folder / "report.json").read_text())
+    return {"variant": variant, "model": model, "report": report, "inputs": inputs, "loras": loras,
+            "forward": load_file(str(folder / "forward.safetensors"))["out"],
+            "deltas": {case: load_file(str(folder / f"{case}.safetensors")) for case in loras}}
+
+
+def test_comfyui_flux_model_predicts_what_the_trainer_predicts(comfy_flux) -> None:
+    assert comfy_flux["report"]["load"]["unexpected"] == []
+    # 0.3.75's NextDiT-style unused final norm aside, every ComfyUI FLUX weight came from the file
+    assert comfy_flux["report"]["load"]["missing"] == []
+    family = family_for(comfy_flux["model"])
+    components = family.load(comfy_flux["model"], torch.float32)
+    inputs = comfy_flux["inputs"]
+    with torch.no_grad():
+        ours = family.predict(components.denoiser, inputs["x"], inputs["timestep"],
+                              {"hidden": inputs["context"], "pooled": inputs["y"]}, torch.zeros(1, 6))
+    assert (ours - comfy_flux["forward"]).abs().max().item() < TOLERANCE
+
+
+def test_comfyui_uses_every_tensor_and_applies_the_trained_delta(comfy_flux) -> None:
+    for case, path in comfy_flux["loras"].items():
+        report, comfy_deltas = comfy_flux["report"]["loras"][case], comfy_flux["deltas"][case]
+        assert report["unconsumed"] == [] and report["warnings"] == [], (case, report["warnings"][:5])
+        assert report["mapped"] == report["names"], case
+        family = family_for(comfy_flux["model"])
+        config = family.load(comfy_flux["model"], torch.float32).denoiser.config
+        expected = expected_deltas(load_file(str(path)), config)
+        assert set(comfy_deltas) == set(expected), (case, sorted(set(comfy_deltas) ^ set(expected))[:6])
+        worst = max((comfy_deltas[key] - expected[key]).abs().max().item() for key in expected)
+        print(f"ComfyUI FLUX.1 {comfy_flux['variant']} {case}: {len(report['names'])} modules, "
+              f"{len(expected)} weights, max abs diff {worst:.2g}")
+        assert worst < TOLERANCE, case
