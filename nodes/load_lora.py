@@ -48,7 +48,8 @@ class LoraFoundryLoadLora(io.ComfyNode):
                 ),
                 io.Clip.Input(
                     "clip",
-                    tooltip="The text encoder to patch (text-encoder LoRAs)",
+                    optional=True,
+                    tooltip="The text encoder to patch (text-encoder LoRAs); leave it out to patch the model only",
                 ),
                 io.Combo.Input(
                     "lora_name",
@@ -85,7 +86,7 @@ class LoraFoundryLoadLora(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, lora_name: str, strength_model: float, strength_clip: float,
+    def execute(cls, model, lora_name: str, strength_model: float, strength_clip: float, clip=None,
                 trained_lora: str | None = None) -> io.NodeOutput:
         name = trained_lora or lora_name
         if name == NO_LORA:

@@ -80,9 +80,16 @@ def resolve_dataset_folder(name: str) -> Path:
     return folder
 
 
+DIFFUSION_MODELS = "diffusion_models"  # ComfyUI's folder of models that come without text encoders and VAE
+NO_FILE = "none"  # the text-encoder and VAE dropdowns' "not chosen": the base model file holds them
+
+
 def base_models() -> list[str]:
-    """Checkpoints ComfyUI lists, plus diffusers folders under models/diffusers (as 'diffusers/NAME')."""
+    """Checkpoints ComfyUI lists, the diffusion models of models/diffusion_models (and models/unet) as
+    'diffusion_models/NAME', and diffusers folders under models/diffusers as 'diffusers/NAME'."""
     names = [n for n in folder_paths.get_filename_list("checkpoints") if n.endswith((".safetensors", ".ckpt", ".sft"))]
+    names += [f"{DIFFUSION_MODELS}/{n}" for n in folder_paths.get_filename_list(DIFFUSION_MODELS)
+              if n.endswith((".safetensors", ".sft"))]
     for root in folder_paths.get_folder_paths("diffusers"):
         root_path = Path(root)
         if root_path.is_dir():
@@ -98,11 +105,28 @@ def resolve_base_model(name: str) -> Path:
             if folder == Path(folder).name and inside(candidate, Path(root)) and candidate.is_dir():
                 return candidate
         raise PathError(f"base model {name!r} is not a diffusers folder in models/diffusers")
+    if name.startswith(f"{DIFFUSION_MODELS}/"):
+        return resolve_listed(DIFFUSION_MODELS, name[len(DIFFUSION_MODELS) + 1 :], "base model")
     if name not in folder_paths.get_filename_list("checkpoints"):
         raise PathError(f"base model {name!r} is not in ComfyUI's checkpoints list")
     path = folder_paths.get_full_path("checkpoints", name)
     if path is None:
         raise PathError(f"base model {name!r} not found")
+    return Path(path)
+
+
+def model_files(folder: str) -> list[str]:
+    """The safetensors files ComfyUI lists in one of its model folders ("text_encoders", "vae"), after "none"."""
+    return [NO_FILE] + [n for n in folder_paths.get_filename_list(folder) if n.endswith((".safetensors", ".sft"))]
+
+
+def resolve_listed(folder: str, name: str, what: str) -> Path:
+    """A dropdown value of one of ComfyUI's model folders to its file; only names ComfyUI lists there."""
+    if name not in folder_paths.get_filename_list(folder):
+        raise PathError(f"{what} {name!r} is not in ComfyUI's {folder} list")
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        raise PathError(f"{what} {name!r} not found")
     return Path(path)
 
 

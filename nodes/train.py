@@ -14,7 +14,16 @@ from comfy_api.latest import io
 from PIL import Image
 from safetensors import safe_open
 
-from ..trainer.config import ConfigError, Device, LrScheduler, MixedPrecision, Optimizer, RunConfig, parse_config
+from ..trainer.config import (
+    ConfigError,
+    Device,
+    LrScheduler,
+    MixedPrecision,
+    ModelConfig,
+    Optimizer,
+    RunConfig,
+    parse_config,
+)
 from ..trainer.events import read_events
 from ..trainer.families import TRAINED_NAMES, detect_family, get_family
 from ..trainer.identity import run_identity
@@ -186,16 +195,31 @@ def prompt_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def model_section(base_model: str, text_encoders: list[str], vae: str) -> dict:
+    """The config's model section: the base model and the text encoder / VAE files chosen beside it, checked
+    against what the family read from the weights needs, before anything is written or launched."""
+    model_path = paths.resolve_base_model(base_model)
+    family = detect_family(model_path)
+    section = {
+        "path": str(model_path), "family": family, "tokenizer_dir": str(paths.comfy_tokenizer_dir()),
+        "text_encoders": [str(paths.resolve_listed("text_encoders", name, "text encoder"))
+                          for name in text_encoders if name != paths.NO_FILE],
+        "vae": None if vae == paths.NO_FILE else str(paths.resolve_listed("vae", vae, "VAE")),
+    }
+    model = ModelConfig(**section)
+    get_family(family).for_model(model).check(model)  # e.g. a diffusion model without its text encoders
+    return section
+
+
 def build_config(base_model: str, dataset: dict, lora_config: dict, output_name: str, overwrite: bool,
-                 train: dict, sample: dict) -> RunConfig:
+                 train: dict, sample: dict, text_encoders: tuple[str, ...] = (), vae: str = paths.NO_FILE) -> RunConfig:
     """The validated run config, its identity and its run folder (named after the output and the identity)."""
     stem = paths.safe_output_name(output_name)
-    model_path = paths.resolve_base_model(base_model)
-    family = detect_family(model_path)  # read from the weights, before anything is written or launched
+    model = model_section(base_model, list(text_encoders), vae)
+    family = model["family"]
     raw = {
         "run_dir": "pending",
-        "model": {"path": str(model_path), "family": family,
-                  "tokenizer_dir": str(paths.comfy_tokenizer_dir())},
+        "model": model,
         "data": {"manifest": dataset["manifest"], **dataset["settings"],
                  "resolution": dataset["settings"]["resolution"] or get_family(family).default_resolution},
         "lora": dict(lora_config),
@@ -267,7 +291,8 @@ class LoraFoundryTrain(io.ComfyNode):
                 io.Combo.Input(
                     "base_model",
                     options=paths.base_models() or [""],
-                    tooltip=f"A checkpoint from models/checkpoints, or a diffusers folder from models/diffusers: "
+                    tooltip=f"A checkpoint from models/checkpoints, a diffusion model from models/diffusion_models "
+                    f"(with its text encoders and VAE chosen below), or a diffusers folder from models/diffusers: "
                     f"{TRAINED_NAMES}, read from the file",
                 ),
                 Dataset.Input(
@@ -454,6 +479,29 @@ class LoraFoundryTrain(io.ComfyNode):
                     "(several machines)",
                     **advanced(),
                 ),
+                io.Combo.Input(
+                    "text_encoder_1",
+                    options=paths.model_files("text_encoders"),
+                    default=paths.NO_FILE,
+                    optional=True,
+                    tooltip="For a diffusion model from models/diffusion_models: a text encoder from "
+                    "models/text_encoders (FLUX.1: clip_l and t5xxl, in either order; none: in the model file)",
+                ),
+                io.Combo.Input(
+                    "text_encoder_2",
+                    options=paths.model_files("text_encoders"),
+                    default=paths.NO_FILE,
+                    optional=True,
+                    tooltip="The second text encoder, as DualCLIPLoader takes them (none: in the model file)",
+                ),
+                io.Combo.Input(
+                    "vae",
+                    options=paths.model_files("vae"),
+                    default=paths.NO_FILE,
+                    optional=True,
+                    tooltip="For a diffusion model: its VAE from models/vae (FLUX.1: ae.safetensors; none: in the "
+                    "model file)",
+                ),
             ],
             outputs=[
                 io.String.Output(display_name="lora_name"),
@@ -496,6 +544,9 @@ class LoraFoundryTrain(io.ComfyNode):
         num_processes: int,
         gpu_ids: str,
         accelerate_config: str,
+        text_encoder_1: str = paths.NO_FILE,
+        text_encoder_2: str = paths.NO_FILE,
+        vae: str = paths.NO_FILE,
     ) -> io.NodeOutput:
         training = {
             "learning_rate": learning_rate,
@@ -522,5 +573,6 @@ class LoraFoundryTrain(io.ComfyNode):
             "steps": sample_steps,
             "seed": seed,
         }
-        cfg = build_config(base_model, dataset, lora_config, output_name, overwrite, training, sampling)
+        cfg = build_config(base_model, dataset, lora_config, output_name, overwrite, training, sampling,
+                           (text_encoder_1, text_encoder_2), vae)
         return run_training(cfg, num_processes, gpu_ids, accelerate_config, cls.hidden.unique_id)

@@ -48,6 +48,13 @@ MODEL_COMBOS = {
     ("LoraFoundryTrain", "base_model"): "checkpoints",
     ("LoraFoundryLoadLora", "lora_name"): "loras",
     ("LoraLoader", "lora_name"): "loras",
+    ("UNETLoader", "unet_name"): "diffusion_models",
+    ("DualCLIPLoader", "clip_name1"): "text_encoders",
+    ("DualCLIPLoader", "clip_name2"): "text_encoders",
+    ("VAELoader", "vae_name"): "vae",
+    ("LoraFoundryTrain", "text_encoder_1"): "text_encoders",
+    ("LoraFoundryTrain", "text_encoder_2"): "text_encoders",
+    ("LoraFoundryTrain", "vae"): "vae",
 }
 THUMBNAIL_LIMIT = 100 * 1024
 
