@@ -217,6 +217,7 @@ def build_config(base_model: str, dataset: dict, lora_config: dict, output_name:
     stem = paths.safe_output_name(output_name)
     model = model_section(base_model, list(text_encoders), vae)
     family = model["family"]
+    sample = {"guidance_scale": get_family(family).sample_guidance, **sample}
     raw = {
         "run_dir": "pending",
         "model": model,
@@ -485,7 +486,8 @@ class LoraFoundryTrain(io.ComfyNode):
                     default=paths.NO_FILE,
                     optional=True,
                     tooltip="For a diffusion model from models/diffusion_models: a text encoder from "
-                    "models/text_encoders (FLUX.1: clip_l and t5xxl, in either order; none: in the model file)",
+                    "models/text_encoders (FLUX.1: clip_l and t5xxl, in either order; Z-Image: qwen_3_4b; none: in "
+                    "the model file)",
                 ),
                 io.Combo.Input(
                     "text_encoder_2",
@@ -499,8 +501,8 @@ class LoraFoundryTrain(io.ComfyNode):
                     options=paths.model_files("vae"),
                     default=paths.NO_FILE,
                     optional=True,
-                    tooltip="For a diffusion model: its VAE from models/vae (FLUX.1: ae.safetensors; none: in the "
-                    "model file)",
+                    tooltip="For a diffusion model: its VAE from models/vae (FLUX.1 and Z-Image: ae.safetensors; "
+                    "none: in the model file)",
                 ),
             ],
             outputs=[

@@ -11,7 +11,7 @@ folder as the working directory:
 The request: {"transformer": BFL file, "clip_l": CLIP-L file, "sizes": {...}, "schnell": bool,
 "loras": {case: file}, "inputs": safetensors of x / timestep / context / y / guidance, "out_dir": folder}.
 Writes OUT_DIR/report.json, OUT_DIR/forward.safetensors (ComfyUI's prediction for the inputs) and per case
-OUT_DIR/CASE.safetensors: for each ComfyUI weight a LoRA patches, the change it makes at strength 1.
+OUT_DIR/delta-CASE.safetensors: for each ComfyUI weight a LoRA patches, the change it makes at strength 1.
 """
 
 from __future__ import annotations
@@ -61,6 +61,15 @@ def patched_deltas(comfy, applied) -> dict[str, torch.Tensor]:
     return deltas
 
 
+def lora_report(applied, path: str) -> dict:
+    """What ComfyUI logged and which of the file's modules its key map knows (diffusers-style names hold dots:
+    a module's name is its key less the tensor's own part)."""
+    names = sorted({key.removesuffix(".alpha") if key.endswith(".alpha") else key.rsplit(".", 2)[0]
+                    for key in load_file(path)})
+    return {"warnings": applied.warnings, "unconsumed": unconsumed(applied.warnings), "names": names,
+            "mapped": [name for name in names if name in applied.key_map]}
+
+
 def main() -> None:
     comfy = import_comfy()
     request = json.loads(sys.stdin.read())
@@ -75,13 +84,9 @@ def main() -> None:
     report = {"load": load, "clip_load": clip_load, "loras": {}}
     for case, path in request["loras"].items():
         applied = apply_lora(comfy, model, clip, path)
-        # diffusers-style names hold dots: the module name is the key less its last part(s)
-        names = sorted({key.removesuffix(".alpha").removesuffix(".weight").rsplit(".", 1)[0]
-                        if not key.endswith(".alpha") else key.removesuffix(".alpha") for key in load_file(path)})
-        report["loras"][case] = {"warnings": applied.warnings, "unconsumed": unconsumed(applied.warnings),
-                                 "names": names, "mapped": [name for name in names if name in applied.key_map]}
+        report["loras"][case] = lora_report(applied, path)
         save_file({k: v.contiguous() for k, v in patched_deltas(comfy, applied).items()},
-                  str(out_dir / f"{case}.safetensors"))
+                  str(out_dir / f"delta-{case}.safetensors"))
     (out_dir / "report.json").write_text(json.dumps(report))
 
 

@@ -110,7 +110,8 @@ class AppliedLora:
 
 
 def apply_lora(comfy, model, clip, path: str) -> AppliedLora:
-    """The file through what ComfyUI's LoraLoader node runs, at strength 1."""
+    """The file through what ComfyUI's LoraLoader node runs, at strength 1 (`clip` None: the model only, as
+    LoraLoaderModelOnly)."""
     lora = comfy.utils.load_torch_file(path, safe_load=True)
     warnings = Warnings()
     logging.getLogger().addHandler(warnings)
@@ -119,11 +120,16 @@ def apply_lora(comfy, model, clip, path: str) -> AppliedLora:
     finally:
         logging.getLogger().removeHandler(warnings)
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    patches, weights = dict(new_model.patches), dict(model.model.state_dict())
+    if clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+        patches |= new_clip.patcher.patches
+        weights |= clip.cond_stage_model.state_dict()
     return AppliedLora(
         names=sorted({key.split(".")[0] for key in lora}),
-        patches={**new_model.patches, **new_clip.patcher.patches},
-        key_map=comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map),
-        weights={**model.model.state_dict(), **clip.cond_stage_model.state_dict()},
+        patches=patches,
+        key_map=key_map,
+        weights=weights,
         warnings=warnings.messages,
     )
 

@@ -106,6 +106,17 @@ def tiny_flux_model(folder: Path, tokenizer_dir: Path, guidance: bool) -> dict[s
     return {"files": files, "model": model}
 
 
+@pytest.fixture(scope="session")
+def tiny_zimage(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Any]:
+    """The tiny Z-Image as ComfyUI users keep it (separate files), and the config's model section for it."""
+    from tiny_model import save_tiny_zimage_files
+
+    files = save_tiny_zimage_files(tmp_path_factory.mktemp("tiny-zimage"))
+    model = {"path": str(files["transformer"]), "text_encoders": [str(files["qwen3"])], "vae": str(files["vae"]),
+             "tokenizer_dir": str(tokenizer_dir)}
+    return {"files": files, "model": model}
+
+
 def draw_image(path: Path, size: tuple[int, int], color: tuple[int, int, int], shape: str = "circle") -> Path:
     image = Image.new("RGB", size, (240, 240, 240))
     draw = ImageDraw.Draw(image)

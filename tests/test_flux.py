@@ -88,7 +88,7 @@ def adapted_deltas(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_flux_dev_learns_and_diffusers_adapts_every_module(tmp_path, tiny_flux, two_image_folder) -> None:
     cfg = flux_config(tmp_path / "run", tiny_flux, two_image_folder,
                       lora={"targets": "attention_ff", "rank": 8, "alpha": 8.0},
-                      train={"max_steps": 150, "learning_rate": 3e-2})
+                      train={"max_steps": 300, "learning_rate": 1e-2})
     assert_ok(run_trainer(cfg))
     tensors = lora_of(cfg)
     assert tensors and all(key.startswith("transformer.") for key in tensors)
@@ -103,6 +103,7 @@ def test_flux_dev_learns_and_diffusers_adapts_every_module(tmp_path, tiny_flux, 
     before = loss()
     warnings = loss.load_lora(Path(cfg["output"]["lora_path"]))
     after = loss()
+    print(f"FLUX.1 dev flow-matching loss {before:.4f} -> {after:.4f}")
     assert after <= 0.7 * before, f"flow-matching loss {before:.4f} -> {after:.4f}: less than 30% lower"
     # the one warning allowed: this LoRA has no text-encoder part
     assert not [w for w in warnings if "lora" in w.lower() and "CLIPTextModel" not in w], warnings
@@ -168,9 +169,9 @@ def test_text_encoders_and_vae_are_found_or_named(tiny_flux) -> None:
     assert names == ("clip_l-tiny.safetensors", "t5-tiny.safetensors")
     with pytest.raises(UnsupportedModelError, match="without the CLIP-L text encoder and the VAE"):
         locate_files(ModelConfig(path=model.path, text_encoders=[files.t5.path]))
-    with pytest.raises(UnsupportedModelError, match="both t5 text encoders"):
+    with pytest.raises(UnsupportedModelError, match="both T5 text encoders; FLUX.1 needs one"):
         locate_files(ModelConfig(path=model.path, text_encoders=[files.t5.path, files.t5.path]))
-    with pytest.raises(UnsupportedModelError, match="neither a CLIP-L nor a T5"):
+    with pytest.raises(UnsupportedModelError, match="none of the text encoders FLUX.1 needs"):
         locate_files(ModelConfig(path=model.path, text_encoders=[files.vae.path]))
 
 

@@ -72,7 +72,7 @@ def comfy_flux(request, tiny_flux, tiny_flux_schnell, comfy_dir, tmp_path_factor
     model = ModelConfig(**tiny["model"])
     loras = {}
     for preset, text_encoder in CASES[variant]:
-        loras[preset] = folder / f"lora-{preset}.safetensors"
+        loras[preset] = folder / f"{preset}.safetensors"
         write_lora(model, preset, text_encoder, loras[preset])
     g = torch.Generator().manual_seed(3)
     inputs = {"x": torch.randn(1, 16, 8, 12, generator=g), "timestep": torch.tensor([0.4]),
@@ -89,14 +89,19 @@ def comfy_flux(request, tiny_flux, tiny_flux_schnell, comfy_dir, tmp_path_factor
         "schnell": variant == "schnell", "loras": {k: str(v) for k, v in loras.items()},
         "inputs": str(folder / "inputs.safetensors"), "out_dir": str(folder),
     }
-    result = subprocess.run([sys.executable, str(PROBE)], input=json.dumps(request_body), cwd=comfy_dir,
+    return {"variant": variant, "model": model, "inputs": inputs, "loras": loras,
+            **run_probe(PROBE, request_body, comfy_dir, folder)}
+
+
+def run_probe(probe: Path, request: dict, comfy_dir: Path, folder: Path) -> dict:
+    """A probe in ComfyUI's folder; its report, ComfyUI's prediction and each case's deltas."""
+    result = subprocess.run([sys.executable, str(probe)], input=json.dumps(request), cwd=comfy_dir,
                             capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(PROBE.parent)))
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(probe.parent)))
     assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads((folder / "report.json").read_text())
-    return {"variant": variant, "model": model, "report": report, "inputs": inputs, "loras": loras,
+    return {"report": json.loads((folder / "report.json").read_text()),
             "forward": load_file(str(folder / "forward.safetensors"))["out"],
-            "deltas": {case: load_file(str(folder / f"{case}.safetensors")) for case in loras}}
+            "deltas": {case: load_file(str(folder / f"delta-{case}.safetensors")) for case in request["loras"]}}
 
 
 def test_comfyui_flux_model_predicts_what_the_trainer_predicts(comfy_flux) -> None:
@@ -113,15 +118,21 @@ def test_comfyui_flux_model_predicts_what_the_trainer_predicts(comfy_flux) -> No
 
 
 def test_comfyui_uses_every_tensor_and_applies_the_trained_delta(comfy_flux) -> None:
-    for case, path in comfy_flux["loras"].items():
-        report, comfy_deltas = comfy_flux["report"]["loras"][case], comfy_flux["deltas"][case]
+    config = family_for(comfy_flux["model"]).load(comfy_flux["model"], torch.float32).denoiser.config
+    assert_comfyui_applies_every_module(comfy_flux, f"FLUX.1 {comfy_flux['variant']}",
+                                        lambda tensors: expected_deltas(tensors, config))
+
+
+def assert_comfyui_applies_every_module(probed: dict, label: str, expected_of) -> None:
+    """Every module of each case's file is in ComfyUI's key map, nothing is left unloaded, and each patched
+    weight changes by what the file means (`expected_of(tensors)`: ComfyUI weight key -> delta)."""
+    for case, path in probed["loras"].items():
+        report, comfy_deltas = probed["report"]["loras"][case], probed["deltas"][case]
         assert report["unconsumed"] == [] and report["warnings"] == [], (case, report["warnings"][:5])
-        assert report["mapped"] == report["names"], case
-        family = family_for(comfy_flux["model"])
-        config = family.load(comfy_flux["model"], torch.float32).denoiser.config
-        expected = expected_deltas(load_file(str(path)), config)
+        assert report["mapped"] == report["names"], (case, sorted(set(report["names"]) - set(report["mapped"])))
+        expected = expected_of(load_file(str(path)))
         assert set(comfy_deltas) == set(expected), (case, sorted(set(comfy_deltas) ^ set(expected))[:6])
         worst = max((comfy_deltas[key] - expected[key]).abs().max().item() for key in expected)
-        print(f"ComfyUI FLUX.1 {comfy_flux['variant']} {case}: {len(report['names'])} modules, "
-              f"{len(expected)} weights, max abs diff {worst:.2g}")
+        print(f"ComfyUI {label} {case}: {len(report['names'])} modules, {len(expected)} weights, "
+              f"max abs diff {worst:.2g}")
         assert worst < TOLERANCE, case

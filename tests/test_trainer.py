@@ -129,8 +129,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_model
 
 def assert_two_processes_match_one(tmp_path: Path, model_dir: Path, data_folder: Path, **sections: dict) -> None:
     """Two processes at batch 1 train the LoRA one process trains at batch 2 (within 1e-5)."""
-    one = tiny_config(tmp_path / "one", model_dir, data_folder, train={"batch_size": 2}, **sections)
-    two = tiny_config(tmp_path / "two", model_dir, data_folder, train={"batch_size": 1}, **sections)
+    train = sections.pop("train", {})
+    one = tiny_config(tmp_path / "one", model_dir, data_folder, train={**train, "batch_size": 2}, **sections)
+    two = tiny_config(tmp_path / "two", model_dir, data_folder, train={**train, "batch_size": 1}, **sections)
     assert_ok(run_trainer(one))
     assert_ok(run_trainer(two, num_processes=2))
     assert next(e for e in read_events(tmp_path / "two") if e["type"] == "start")["processes"] == 2

@@ -52,6 +52,7 @@ MODEL_COMBOS = {
     ("DualCLIPLoader", "clip_name1"): "text_encoders",
     ("DualCLIPLoader", "clip_name2"): "text_encoders",
     ("VAELoader", "vae_name"): "vae",
+    ("CLIPLoader", "clip_name"): "text_encoders",
     ("LoraFoundryTrain", "text_encoder_1"): "text_encoders",
     ("LoraFoundryTrain", "text_encoder_2"): "text_encoders",
     ("LoraFoundryTrain", "vae"): "vae",

@@ -324,3 +324,79 @@ def save_tiny_flux_folder(dest: Path, tokenizer_dir: Path, t5_tokenizer_dir: Pat
         "transformer": ["diffusers", "FluxTransformer2DModel"],
     }))
     return dest
+
+
+# ---- Z-Image (flow matching; a single-stream transformer, Qwen3's second-to-last hidden states as the text)
+
+# Z-Image's heads are 128 wide and its feed-forward 8/3 of the width. At 1152 (9 heads) ComfyUI's rounding of
+# the feed-forward (to a multiple of 256) and diffusers' (none) agree, as they do at the full 3840, and so do
+# their timestep embedders (ComfyUI's is min(width, 1024) wide, diffusers' always 1024)
+ZIMAGE_DIM = 1152
+ZIMAGE_TEXT_DIM = 64  # the tiny Qwen3's width: the transformer's caption features
+
+
+def build_zimage_transformer():
+    from diffusers import ZImageTransformer2DModel
+
+    torch.manual_seed(8)
+    model = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=ZIMAGE_DIM, n_layers=1, n_refiner_layers=1,
+        n_heads=ZIMAGE_DIM // 128, n_kv_heads=ZIMAGE_DIM // 128, cap_feat_dim=ZIMAGE_TEXT_DIM,
+        axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512],
+    )
+    with torch.no_grad():  # the pad tokens start at zero: make them count
+        model.x_pad_token.normal_(std=0.02)
+        model.cap_pad_token.normal_(std=0.02)
+    return model
+
+
+def build_zimage_text_encoder():
+    """A Qwen3 of Qwen3-4B's vocabulary and head layout (grouped query attention, q/k norms), three layers."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(9)
+    return Qwen3Model(Qwen3Config(vocab_size=151936, hidden_size=ZIMAGE_TEXT_DIM, intermediate_size=96,
+                                  num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                                  max_position_embeddings=1024, rope_theta=1e6, tie_word_embeddings=True))
+
+
+def comfy_zimage_tensors(model) -> dict[str, torch.Tensor]:
+    """A diffusers ZImageTransformer2DModel's tensors in the layout ComfyUI's models/diffusion_models holds
+    (fused attention.qkv, attention.out, q_norm / k_norm, final_layer, x_embedder), written out independently
+    of the trainer's loader."""
+    return comfy_zimage_layout(model.state_dict())
+
+
+def comfy_zimage_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    sd = {k: v.detach().clone().contiguous() for k, v in state_dict.items()}
+    for key in [k for k in sd if k.endswith(".attention.to_q.weight")]:
+        stem = key.removesuffix(".to_q.weight")
+        out[f"{stem}.qkv.weight"] = torch.cat([sd.pop(f"{stem}.to_{x}.weight") for x in "qkv"])
+    renames = (("all_final_layer.2-1.", "final_layer."), ("all_x_embedder.2-1.", "x_embedder."),
+               (".attention.to_out.0.", ".attention.out."), (".attention.norm_q.", ".attention.q_norm."),
+               (".attention.norm_k.", ".attention.k_norm."))
+    for key, value in sd.items():
+        for old, new in renames:
+            key = key.replace(old, new)
+        out[key] = value
+    return out
+
+
+def save_tiny_zimage_files(dest: Path) -> dict[str, Path]:
+    """The tiny Z-Image as ComfyUI users keep Z-Image: the transformer in models/diffusion_models' layout, the
+    Qwen3 encoder as a models/text_encoders file (`model.` names, as qwen_3_4b.safetensors), FLUX's VAE layout."""
+    from safetensors.torch import save_file
+
+    from scripts.make_random_sd15 import ldm_vae_state_dict
+
+    dest.mkdir(parents=True, exist_ok=True)
+    files = {
+        "transformer": (dest / "z-image-tiny.safetensors", comfy_zimage_tensors(build_zimage_transformer())),
+        "qwen3": (dest / "qwen3-tiny.safetensors",
+                  {f"model.{k}": v for k, v in build_zimage_text_encoder().state_dict().items()}),
+        "vae": (dest / "ae-tiny.safetensors", ldm_vae_state_dict(build_flux_vae())),
+    }
+    for path, tensors in files.values():
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path))
+    return {role: path for role, (path, _) in files.items()}

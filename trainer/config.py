@@ -24,7 +24,7 @@ LrScheduler = Literal[
 MixedPrecision = Literal["no", "fp16", "bf16", "auto"]  # auto: bf16 or fp16 on CUDA, fp32 elsewhere
 Device = Literal["auto", "cpu", "cuda", "mps"]
 PredictionType = Literal["epsilon", "v_prediction"]
-Family = Literal["auto", "sd15", "sdxl", "flux"]  # auto: read from the base model (families/detect.py)
+Family = Literal["auto", "sd15", "sdxl", "flux", "zimage"]  # auto: read from the base model (families/detect.py)
 # how the flow-matching families draw σ (families/flow.py); auto: the family's own choice
 TimestepSampling = Literal["auto", "uniform", "logit_normal", "sigmoid"]
 

@@ -21,6 +21,10 @@ def get_family(name: str) -> ModelFamily:
         from .flux import FLUX
 
         return FLUX
+    if name == "zimage":
+        from .zimage import ZIMAGE
+
+        return ZIMAGE
     raise ValueError(f"unknown model family {name!r}")
 
 

@@ -77,6 +77,7 @@ class ModelFamily(ABC):
     max_tokens: int  # the text encoders' context, start and end tokens included
     default_resolution: int  # the side of the square bucket the family was trained at
     pixel_multiple: int = 8  # picture sides must be multiples of this (the VAE's downscale, times a patch)
+    sample_guidance: float = 7.5  # the guidance scale validation samples are drawn at, unless told otherwise
     text_encoder_names: dict[str, str]  # LoRA prefix -> what users call that encoder
     # what the family's loaders call a LoRA layer's down and up matrices in the file (kohya's names, or
     # diffusers' peft names lora_A / lora_B where those are what every loader of the family reads)

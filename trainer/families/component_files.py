@@ -12,18 +12,76 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..config import ModelConfig
 from ..weights import safetensors_header
+from .detect import UnsupportedModelError
 
 CLIP_L_KEY = "text_model.encoder.layers.0.mlp.fc1.weight"
+QWEN3_KEY = "model.layers.0.self_attn.q_norm.weight"
 T5_KEY = "encoder.block.0.layer.0.SelfAttention.q.weight"
 VAE_KEY = "decoder.conv_in.weight"
 CLIP_HEAD_WIDTH = 64  # CLIP-L's and T5's attention heads are 64 wide at every size
 T5_HEAD_WIDTH = 64
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one component's tensors are: a file, and the prefix of their names in it."""
+
+    path: str
+    prefix: str = ""
+
+
+@dataclass(frozen=True)
+class Part:
+    """A component a family needs beside its diffusion model, and how to find it."""
+
+    label: str  # what users call it: "the T5 text encoder"
+    key: str  # a tensor only this kind of file has (names as in its own file)
+    checkpoint_prefix: str  # where an all-in-one checkpoint (ComfyUI's layout) keeps it
+    text_encoder: bool = True  # chosen among model.text_encoders (else it is the VAE: model.vae)
+
+
+def locate_parts(model: ModelConfig, parts: dict[str, Part], family_label: str, hint: str) -> dict[str, Source]:
+    """Each part's file: the text encoders among the config's text-encoder files (told apart by their weights,
+    in any order), the VAE from the config's VAE file, anything not given from the model file (an all-in-one
+    checkpoint); UnsupportedModelError naming what is missing, with `hint` saying where to find it."""
+    found: dict[str, Source] = {}
+    encoders = {role: part for role, part in parts.items() if part.text_encoder}
+    for file in model.text_encoders:
+        keys = tensor_shapes(file)
+        role = next((role for role, part in encoders.items() if part.key in keys), None)
+        if role is None:
+            raise UnsupportedModelError(f"{file} is none of the text encoders {family_label} needs "
+                                        f"({' and '.join(p.label for p in encoders.values())})")
+        if role in found:
+            raise UnsupportedModelError(f"{file} and {found[role].path} are both "
+                                        f"{encoders[role].label.removeprefix('the ')}s; {family_label} needs one")
+        found[role] = Source(file)
+    for role, part in parts.items():
+        if not part.text_encoder and model.vae:
+            found[role] = Source(model.vae, part.checkpoint_prefix
+                                 if part.checkpoint_prefix + part.key in tensor_shapes(model.vae) else "")
+    inside = tensor_shapes(model.path)
+    missing = []
+    for role, part in parts.items():
+        if role in found:
+            continue
+        if part.checkpoint_prefix + part.key in inside:
+            found[role] = Source(model.path, part.checkpoint_prefix)
+        else:
+            missing.append(part.label)
+    if missing:
+        raise UnsupportedModelError(f"{model.path} is a {family_label} diffusion model without "
+                                    f"{' and '.join(missing)}; choose {'them' if len(missing) > 1 else 'it'} "
+                                    f"{hint}")
+    return found
 
 
 def tensor_shapes(path: str | Path, prefix: str = "") -> dict[str, tuple[int, ...]]:
@@ -112,6 +170,27 @@ def t5_encoder(state_dict: Mapping[str, torch.Tensor], config_file: Path, what: 
     })
     return build_with_weights(lambda: T5EncoderModel(config), state_dict, what,
                               ignore=("encoder.embed_tokens.",))
+
+
+def qwen3_encoder(state_dict: Mapping[str, torch.Tensor], config_file: Path, what: str) -> torch.nn.Module:
+    """A Qwen3Model from Qwen3ForCausalLM's layout (`model.*`, as ComfyUI's qwen_3_4b file holds it), the
+    widths, depth and head layout read from the weights."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    bare = {key.removeprefix("model."): value for key, value in state_dict.items()}
+    vocab, width = bare["embed_tokens.weight"].shape
+    head = bare["layers.0.self_attn.q_norm.weight"].shape[0]
+    config = Qwen3Config(**{
+        **json.loads(config_file.read_text(encoding="utf-8")),
+        "vocab_size": vocab,
+        "hidden_size": width,
+        "head_dim": head,
+        "num_attention_heads": bare["layers.0.self_attn.q_proj.weight"].shape[0] // head,
+        "num_key_value_heads": bare["layers.0.self_attn.k_proj.weight"].shape[0] // head,
+        "intermediate_size": bare["layers.0.mlp.gate_proj.weight"].shape[0],
+        "num_hidden_layers": _count(bare, r"layers\.(\d+)\."),
+    })
+    return build_with_weights(lambda: Qwen3Model(config), bare, what, ignore=("lm_head.",))
 
 
 def ldm_vae(state_dict: dict[str, torch.Tensor], config_dir: Path, dtype: torch.dtype) -> Any:

@@ -56,11 +56,15 @@ FLUX = CheckpointKind("flux", "FLUX.1", article="a", family="flux")  # text enco
 FLUX_CONTROL = CheckpointKind("flux_control", "FLUX.1 Fill, Depth or Canny (extra input channels)", article="a")
 FLUX2 = CheckpointKind("flux2", "FLUX.2", article="a")
 CHROMA = CheckpointKind("chroma", "Chroma", article="a")
+ZIMAGE = CheckpointKind("zimage", "Z-Image", article="a", family="zimage")
+LUMINA2 = CheckpointKind("lumina2", "Lumina Image 2.0", article="a")
 LORA = CheckpointKind("lora", "LoRA", article="a")
 UNKNOWN = CheckpointKind("unknown", "unknown")
-TRAINED = (SD1, SDXL, FLUX)
-FAMILY_LABELS = {"sd15": "SD 1.5", "sdxl": "SDXL", "flux": "FLUX.1"}  # the family modules' labels, for messages
-TRAINED_NAMES = ", ".join(FAMILY_LABELS[kind.family] for kind in TRAINED[:-1]) + f" and {FAMILY_LABELS['flux']}"
+TRAINED = (SD1, SDXL, FLUX, ZIMAGE)
+# the family modules' labels, for messages
+FAMILY_LABELS = {"sd15": "SD 1.5", "sdxl": "SDXL", "flux": "FLUX.1", "zimage": "Z-Image"}
+TRAINED_NAMES = (", ".join(FAMILY_LABELS[kind.family] for kind in TRAINED[:-1])
+                 + f" and {FAMILY_LABELS[TRAINED[-1].family]}")
 FLUX_PACKED_CHANNELS = 64  # FLUX.1's 16 latent channels in 2x2 patches: its img_in input
 
 # Cross-attention context width of a UNet's attn2.to_k -> model family
@@ -210,6 +214,11 @@ def _kind_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> CheckpointKind:
         return _flux_kind(shapes)
     if any("joint_blocks." in key for key in keys):
         return SD3
+    if any(key.removeprefix(UNET_PREFIX) == "cap_embedder.1.weight" for key in keys):
+        # Z-Image modulates with a 256-wide timestep embedding in adaLN_modulation.0; Lumina 2 (its
+        # architecture's ancestor) puts a SiLU first, its Linear is adaLN_modulation.1
+        bare = {key.removeprefix(UNET_PREFIX) for key in keys}
+        return ZIMAGE if "layers.0.adaLN_modulation.0.weight" in bare else LUMINA2
     if _has_prefix(keys, "conditioner.embedders.1."):
         return _sdxl_kind(shapes)
     if _has_prefix(keys, "conditioner.embedders.0.model."):

@@ -24,14 +24,17 @@ from .component_files import (
     CLIP_L_KEY,
     T5_KEY,
     VAE_KEY,
+    Part,
+    Source,
     build_with_weights,
     clip_text_model,
     ldm_vae,
+    locate_parts,
     read_tensors,
     t5_encoder,
     tensor_shapes,
 )
-from .detect import UnsupportedModelError, is_diffusers_folder, require_family
+from .detect import is_diffusers_folder, require_family
 from .flow import FlowMatchObjective, TimestepSampling
 from .sd15 import TEXT_ATTENTION, TEXT_MLP
 from .tokenizers import clip_tokenizer, find_t5_tokenizer_dir, find_tokenizer_dir, tokenize
@@ -42,10 +45,6 @@ T5 = "lora_te2"  # last hidden states: the text tokens of the joint attention
 CLIP_TOKENS = 77
 # T5 tokens per caption, as FLUX.1 was trained (and kohya trains): 512 for dev, 256 for schnell
 T5_TOKENS = {"dev": 512, "schnell": 256}
-# where an all-in-one checkpoint (ComfyUI's layout) keeps the text encoders and the VAE
-CHECKPOINT_CLIP_L = "text_encoders.clip_l.transformer."
-CHECKPOINT_T5 = "text_encoders.t5xxl.transformer."
-CHECKPOINT_VAE = "vae."
 
 _DOUBLE_ATTENTION = (r"transformer_blocks\.\d+\.attn\."
                      r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)")
@@ -60,12 +59,13 @@ TARGETS = {
 }
 
 
-@dataclass(frozen=True)
-class Source:
-    """Where one component's tensors are: a file, and the prefix of their names in it."""
-
-    path: str
-    prefix: str = ""
+PARTS = {
+    "clip_l": Part("the CLIP-L text encoder", CLIP_L_KEY, "text_encoders.clip_l.transformer."),
+    "t5": Part("the T5 text encoder", T5_KEY, "text_encoders.t5xxl.transformer."),
+    "vae": Part("the VAE", VAE_KEY, "vae.", text_encoder=False),
+}
+WHERE = ("from models/text_encoders (clip_l and t5xxl) and models/vae (ae.safetensors), as ComfyUI's "
+         "DualCLIPLoader and VAELoader do")
 
 
 @dataclass(frozen=True)
@@ -80,41 +80,11 @@ class FluxFiles:
 
 
 def locate_files(model: ModelConfig) -> FluxFiles:
-    """Each component's file: the text encoders and the VAE from their own files when the config names them,
-    else from the model file (an all-in-one checkpoint); UnsupportedModelError naming what is missing."""
-    path = model.path
-    shapes = tensor_shapes(path)
-    prefix = flux_layout.CHECKPOINT_PREFIX if any(k.startswith(flux_layout.CHECKPOINT_PREFIX) for k in shapes) else ""
-    found: dict[str, Source] = {}
-    for file in model.text_encoders:
-        keys = tensor_shapes(file)
-        role = "clip_l" if CLIP_L_KEY in keys else "t5" if T5_KEY in keys else None
-        if role is None:
-            raise UnsupportedModelError(f"{file} is neither a CLIP-L nor a T5 text encoder (FLUX.1 needs one of each)")
-        if role in found:
-            raise UnsupportedModelError(f"{file} and {found[role].path} are both {role} text encoders; FLUX.1 "
-                                        "needs one CLIP-L and one T5")
-        found[role] = Source(file)
-    if model.vae:
-        found["vae"] = Source(model.vae, CHECKPOINT_VAE if f"{CHECKPOINT_VAE}{VAE_KEY}" in tensor_shapes(model.vae)
-                              else "")
-    inside = {"clip_l": (CHECKPOINT_CLIP_L, CLIP_L_KEY), "t5": (CHECKPOINT_T5, T5_KEY),
-              "vae": (CHECKPOINT_VAE, VAE_KEY)}
-    missing = []
-    for role, (part_prefix, key) in inside.items():
-        if role not in found:
-            if part_prefix + key in shapes:
-                found[role] = Source(path, part_prefix)
-            else:
-                missing.append({"clip_l": "the CLIP-L text encoder", "t5": "the T5 text encoder",
-                                "vae": "the VAE"}[role])
-    if missing:
-        raise UnsupportedModelError(
-            f"{path} is a FLUX.1 diffusion model without {' and '.join(missing)}; choose "
-            f"{'them' if len(missing) > 1 else 'it'} from models/text_encoders (clip_l and t5xxl) and models/vae "
-            "(ae.safetensors), as ComfyUI's DualCLIPLoader and VAELoader do"
-        )
-    return FluxFiles(Source(path, prefix), found["clip_l"], found["t5"], found["vae"])
+    """Each component's file (component_files.locate_parts); UnsupportedModelError naming what is missing."""
+    parts = locate_parts(model, PARTS, "FLUX.1", WHERE)
+    keys = tensor_shapes(model.path)
+    prefix = flux_layout.CHECKPOINT_PREFIX if any(k.startswith(flux_layout.CHECKPOINT_PREFIX) for k in keys) else ""
+    return FluxFiles(Source(model.path, prefix), parts["clip_l"], parts["t5"], parts["vae"])
 
 
 def variant_of(model: ModelConfig) -> str:
@@ -137,6 +107,7 @@ class FluxFamily(ModelFamily):
     max_tokens = T5_TOKENS["dev"]
     default_resolution = 1024
     pixel_multiple = 16  # 8x VAE, then 2x2 patches
+    sample_guidance = 3.5  # dev's distilled guidance, as ComfyUI's FluxGuidance defaults to (schnell ignores it)
     text_encoder_names = {CLIP_L: "text encoder 1 (CLIP-L)", T5: "text encoder 2 (T5-XXL)"}
     lora_weight_names = ("lora_A", "lora_B")
 

@@ -1,5 +1,5 @@
 """Tokenizer files, found offline: every CLIP-based family tokenizes with the same BPE files, and ComfyUI ships
-T5's beside them."""
+T5's and Qwen's beside them."""
 
 from __future__ import annotations
 
@@ -35,28 +35,38 @@ def tokenizer_search_path(model: ModelConfig) -> list[Path]:
     return candidates
 
 
-def t5_tokenizer_search_path(model: ModelConfig) -> list[Path]:
-    """Where T5's tokenizer files are looked for: a diffusers base model's `tokenizer_2/`, then ComfyUI's copy,
-    `comfy/text_encoders/t5_tokenizer`, beside the CLIP tokenizer folder of the config and in the ComfyUI
-    roots the CLIP files are looked for in."""
+def text_encoder_tokenizer_search_path(model: ModelConfig, comfy_name: str, diffusers_name: str) -> list[Path]:
+    """Where the tokenizer of another text encoder (T5, Qwen) is looked for: a diffusers base model's own
+    subfolder, then ComfyUI's copy, `comfy/text_encoders/<comfy_name>`, beside the CLIP tokenizer folder of the
+    config and in the ComfyUI roots the CLIP files are looked for in."""
     candidates = []
     if is_diffusers_folder(model.path):
-        candidates.append(Path(model.path) / "tokenizer_2")
+        candidates.append(Path(model.path) / diffusers_name)
     if model.tokenizer_dir:
-        candidates.append(Path(model.tokenizer_dir).parent / "text_encoders" / "t5_tokenizer")
-    candidates += [folder.parent / "text_encoders" / "t5_tokenizer" for folder in tokenizer_search_path(model)
+        candidates.append(Path(model.tokenizer_dir).parent / "text_encoders" / comfy_name)
+    candidates += [folder.parent / "text_encoders" / comfy_name for folder in tokenizer_search_path(model)
                    if folder.name == "sd1_tokenizer"]
     return candidates
 
 
-def find_t5_tokenizer_dir(model: ModelConfig) -> Path:
-    candidates = t5_tokenizer_search_path(model)
+def _find_text_encoder_tokenizer(model: ModelConfig, comfy_name: str, diffusers_name: str, markers: tuple[str, ...],
+                                 what: str) -> Path:
+    candidates = text_encoder_tokenizer_search_path(model, comfy_name, diffusers_name)
     for folder in candidates:
-        if (folder / "tokenizer.json").is_file() or (folder / "spiece.model").is_file():
+        if any((folder / marker).is_file() for marker in markers):
             return folder
     looked = "\n".join(f"  {c}" for c in candidates)
-    raise FileNotFoundError(f"T5 tokenizer files (tokenizer.json) not found; ComfyUI has them in "
-                            f"comfy/text_encoders/t5_tokenizer. Looked in:\n{looked}")
+    raise FileNotFoundError(f"{what} tokenizer files ({markers[0]}) not found; ComfyUI has them in "
+                            f"comfy/text_encoders/{comfy_name}. Looked in:\n{looked}")
+
+
+def find_t5_tokenizer_dir(model: ModelConfig) -> Path:
+    return _find_text_encoder_tokenizer(model, "t5_tokenizer", "tokenizer_2", ("tokenizer.json", "spiece.model"), "T5")
+
+
+def find_qwen_tokenizer_dir(model: ModelConfig) -> Path:
+    """Qwen's BPE files: Qwen3 reads the same vocabulary as the Qwen2.5 tokenizer ComfyUI ships."""
+    return _find_text_encoder_tokenizer(model, "qwen25_tokenizer", "tokenizer", ("vocab.json",), "Qwen")
 
 
 def find_tokenizer_dir(model: ModelConfig) -> Path:
