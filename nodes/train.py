@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from ..trainer.config import (
+    BaseQuantization,
     ConfigError,
     Device,
     LrScheduler,
@@ -504,6 +505,16 @@ class LoraFoundryTrain(io.ComfyNode):
                     tooltip="For a diffusion model: its VAE from models/vae (FLUX.1 and Z-Image: ae.safetensors; "
                     "none: in the model file)",
                 ),
+                io.Combo.Input(
+                    "base_quantization",
+                    options=list(typing.get_args(BaseQuantization)),
+                    default="none",
+                    optional=True,
+                    tooltip="Store the frozen model in fewer bits (the LoRA stays full precision): int8 halves "
+                    "bf16's memory (torchao, any device), nf4 quarters it (bitsandbytes, CUDA only); FLUX.1 on "
+                    "a 24 GB GPU needs one of them",
+                    **advanced(),
+                ),
             ],
             outputs=[
                 io.String.Output(display_name="lora_name"),
@@ -549,6 +560,7 @@ class LoraFoundryTrain(io.ComfyNode):
         text_encoder_1: str = paths.NO_FILE,
         text_encoder_2: str = paths.NO_FILE,
         vae: str = paths.NO_FILE,
+        base_quantization: str = "none",
     ) -> io.NodeOutput:
         training = {
             "learning_rate": learning_rate,
@@ -567,6 +579,7 @@ class LoraFoundryTrain(io.ComfyNode):
             "seed": seed,
             "save_every_steps": save_every_steps,
             "device": device,
+            "base_quantization": base_quantization,
         }
         sampling = {
             "prompts": prompt_lines(validation_prompts),

@@ -27,6 +27,9 @@ PredictionType = Literal["epsilon", "v_prediction"]
 Family = Literal["auto", "sd15", "sdxl", "flux", "zimage"]  # auto: read from the base model (families/detect.py)
 # how the flow-matching families draw σ (families/flow.py); auto: the family's own choice
 TimestepSampling = Literal["auto", "uniform", "logit_normal", "sigmoid"]
+# the frozen denoiser's storage (trainer/quantize.py): int8 through torchao (CPU and CUDA), nf4 through
+# bitsandbytes (CUDA)
+BaseQuantization = Literal["none", "int8", "nf4"]
 
 
 class ConfigError(ValueError):
@@ -96,6 +99,7 @@ class TrainConfig:
     mixed_precision: MixedPrecision = "fp16"
     device: Device = "auto"
     gradient_checkpointing: bool = False
+    base_quantization: BaseQuantization = "none"
     min_snr_gamma: float = 0.0  # 0: off
     noise_offset: float = 0.0
     # flow-matching families (FLUX ...): how σ is drawn, its shift, and FLUX dev's guidance input

@@ -27,6 +27,7 @@ from .encode import Encoded, encode_dataset
 from .events import EventLog
 from .families import DENOISER, Components, ModelFamily, Objective, family_for
 from .lora_file import base_model_hashes, count_tags, dataset_name, kohya_state_dict, lora_metadata, save_lora_file
+from .quantize import quantize_frozen
 from .resume import load_checkpoint, newest_checkpoint, save_checkpoint
 from .sampling import render_samples
 from .schedule import EpochPlan, Slot, derive_seed, draw
@@ -263,6 +264,8 @@ class Trainer:
         self.events.emit("loading", model=Path(cfg.model.path).name, family=self.family.label)
         self.components = self.family.load(cfg.model, weight_dtype(acc))
         self.check_stop()  # loading cannot be interrupted inside; a stop asked meanwhile is honoured here
+        # on the CPU, before the move: the GPU never holds the 16-bit copy of a quantized base
+        quantize_frozen(self.components.denoiser, cfg.train.base_quantization, self.device, weight_dtype(acc))
         self.components.denoiser.to(self.device)
         with acc.main_process_first():  # the main process fills the disk cache, the others read it
             self.encoded = encode_dataset(cfg, self.family, self.components, self.items, self.device, self._cached)

@@ -105,7 +105,9 @@ def _check_layer(name: str, layer: Any, adapter: str, alpha: float) -> None:
     from peft.tuners.lora import Conv2d, Linear
 
     problems = []
-    if type(layer) not in (Linear, Conv2d):
+    # plain LoRA on a quantized frozen base (torchao int8, bitsandbytes 4/8-bit) is the same A and B
+    quantized_bases = ("TorchaoLoraLinear", "Linear4bit", "Linear8bitLt")
+    if type(layer) not in (Linear, Conv2d) and type(layer).__name__ not in quantized_bases:
         problems.append(f"layer type {type(layer).__name__} (only Linear and Conv2d are supported)")
     if getattr(layer, "use_rslora", {}).get(adapter, False):
         problems.append("use_rslora (scaling alpha/sqrt(r) is not expressible as alpha/rank)")
