@@ -2,13 +2,16 @@
 
 The pack's trainer (its Trainer class, as `trainer/run.py` drives it) on 8 pictures, one case per process, on
 random-weight full-structure checkpoints (scripts/make_random_sd15.py, make_random_sdxl.py). SD 1.5 at 512 px:
-fp16 and bf16 mixed precision, batch 1 and 8, and fp16 batch 1 with gradient checkpointing. SDXL at 1024 px in
-bf16: batch 1 and 4, each with gradient checkpointing on and off. For each:
+fp16 and bf16 mixed precision, batch 1 and 8, and fp16 batch 1 with gradient checkpointing. FLUX.1 dev and
+Z-Image at 1024 px in bf16, batch 1, with the low-memory options (gradient checkpointing with an int8 or nf4
+base, checkpointing alone) and without; their full-size random models are built in memory
+(bench/random_dit.py). SDXL at 1024 px in bf16: batch 1 and 4, each with gradient checkpointing on and off.
+For each:
 images/s over the timed steps, peak VRAM of the step loop (`torch.cuda.max_memory_allocated`, reset after the
 cache pass; the cache pass's own peak is reported beside it) and model FLOP utilisation: forward + backward
 FLOPs of one step (torch.utils.flop_counter) per second, against the GPU's dense bf16 peak (a table of known
 GPUs, or --peak-tflops). Writes bench/results-gpu.md and bench/results-gpu.json. Without CUDA it prints why
-and exits 0; `--cpu-check` runs two tiny cases on the CPU to check the plumbing.
+and exits 0; `--cpu-check` runs tiny cases of each family on the CPU to check the plumbing.
 """
 
 from __future__ import annotations
@@ -60,11 +63,13 @@ class Case:
     timed: int = 10
     device: str = "cuda"
     family: str = "sd15"  # the config's model.family: which random checkpoint the case trains
+    quantization: str = "none"  # train.base_quantization: the frozen base in int8 / nf4
 
     @property
     def label(self) -> str:
         family = "" if self.family == "sd15" else f"{self.family} "
-        return f"{family}{self.precision} b{self.batch}" + (" ckpt" if self.checkpointing else "")
+        quantized = "" if self.quantization == "none" else f" {self.quantization}"
+        return f"{family}{self.precision} b{self.batch}" + (" ckpt" if self.checkpointing else "") + quantized
 
 
 def gpu_cases() -> list[Case]:
@@ -72,13 +77,21 @@ def gpu_cases() -> list[Case]:
             Case("bf16", 8)]
     sdxl = [Case("bf16", batch, checkpointing=ckpt, resolution=1024, family="sdxl", warmup=2, timed=6)
             for batch in (1, 4) for ckpt in (True, False)]
-    return sd15 + sdxl
+    # the DiT families at 1024 px, with the low-memory options (checkpointing, a quantized base) and without
+    dit = [Case("bf16", 1, checkpointing=ckpt, resolution=1024, family=family, warmup=2, timed=4, quantization=q)
+           for family, options in (("flux", ((True, "int8"), (True, "nf4"), (True, "none"), (False, "none"))),
+                                   ("zimage", ((True, "int8"), (True, "none"), (False, "none"))))
+           for ckpt, q in options]
+    return sd15 + dit + sdxl
 
 
 def cpu_check_cases() -> list[Case]:
     return [Case("no", 1, resolution=64, warmup=1, timed=2, device="cpu"),
             Case("no", 2, checkpointing=True, resolution=64, warmup=1, timed=2, device="cpu"),
-            Case("bf16", 1, checkpointing=True, resolution=64, warmup=1, timed=1, device="cpu", family="sdxl")]
+            Case("bf16", 1, checkpointing=True, resolution=64, warmup=1, timed=1, device="cpu", family="sdxl"),
+            Case("no", 1, checkpointing=True, resolution=64, warmup=1, timed=1, device="cpu", family="flux",
+                 quantization="int8"),
+            Case("no", 1, resolution=64, warmup=1, timed=1, device="cpu", family="zimage")]
 
 
 def dense_bf16_peak(name: str) -> float | None:
@@ -87,6 +100,7 @@ def dense_bf16_peak(name: str) -> float | None:
 
 
 def run_config(case: Case, checkpoint: str, data: Path, run_dir: Path, cache_dir: Path) -> dict[str, Any]:
+    """The case's run config; a DiT family's model is built in memory (bench/random_dit.py), its path a name."""
     return {
         "run_dir": str(run_dir),
         "model": {"path": checkpoint, "family": case.family,
@@ -94,7 +108,8 @@ def run_config(case: Case, checkpoint: str, data: Path, run_dir: Path, cache_dir
         "data": {"folder": str(data), "resolution": case.resolution},
         "lora": {"rank": 4, "alpha": 4.0, "targets": "attention"},
         "train": {"batch_size": case.batch, "max_steps": case.warmup + case.timed, "mixed_precision": case.precision,
-                  "device": case.device, "gradient_checkpointing": case.checkpointing, "cache_dir": str(cache_dir)},
+                  "device": case.device, "gradient_checkpointing": case.checkpointing, "cache_dir": str(cache_dir),
+                  "base_quantization": case.quantization},
         "output": {"lora_path": str(run_dir / "lora.safetensors"), "overwrite": True},
     }
 
@@ -118,12 +133,27 @@ def count_step_flops(trainer: Any, case: Case) -> int:
 
     noisy = torch.randn(case.batch, *sample.latents.shape, device=device)
     text = {name: batched(value) for name, value in sample.text.items()}
-    timesteps = torch.full((case.batch,), 500, device=device, dtype=torch.long)
+    # the middle of the family's timestep draw: a DDPM step number, or a flow-matching sigma
+    drawn = torch.full((case.batch,), trainer.components.objective.num_timesteps // 2)
+    timesteps = trainer.components.objective.timesteps(drawn, tuple(sample.latents.shape)).to(device)
     with FlopCounterMode(display=False) as counter, trainer.accelerator.autocast():
         pred = trainer.family.predict(denoiser, noisy, timesteps, text, batched(sample.framing))
         trainer.accelerator.backward(F.mse_loss(pred.float(), noisy))
     trainer.optimizer.zero_grad(set_to_none=True)
     return counter.get_total_flops()
+
+
+def dit_family(case: Case, cfg: Any) -> Any:
+    """For a DiT case, the trainer's family lookup answers with the in-memory random model's family."""
+    import contextlib
+    from unittest import mock
+
+    from bench.random_dit import FAMILIES, random_family
+
+    if case.family not in FAMILIES:
+        return contextlib.nullcontext()
+    family = random_family(case.family, cfg.train, small=case.device == "cpu")
+    return mock.patch("trainer.loop.family_for", return_value=family)
 
 
 def run_case(case: Case, config: dict[str, Any]) -> dict[str, Any]:
@@ -138,7 +168,8 @@ def run_case(case: Case, config: dict[str, Any]) -> dict[str, Any]:
     events = EventLog(events_path)
     trainer = Trainer(cfg, events, lambda: False)
     cuda = case.device == "cuda"
-    trainer.setup()
+    with dit_family(case, cfg):
+        trainer.setup()
     setup_peak = torch.cuda.max_memory_allocated() if cuda else None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -174,7 +205,7 @@ def launch(case: Case, config: dict[str, Any], out: Path, log: Path, timeout: fl
         return {"label": case.label, "error": f"over the time budget ({timeout:.0f} s left)"}
     if code != 0 or not out.is_file():
         tail = log.read_text(errors="replace").splitlines()[-12:]
-        return {"label": case.label, "error": f"exit {code}", "log_tail": tail}
+        return {"label": case.label, "error": f"exit {code}: {tail[-1] if tail else ''}"[:300], "log_tail": tail}
     return json.loads(out.read_text())
 
 
@@ -186,8 +217,8 @@ def markdown(results: list[dict[str, Any]], peak_tflops: float | None, device: s
     peak = f"{peak_tflops:.0f} TFLOP/s dense bf16" if peak_tflops else "unknown (pass --peak-tflops)"
     sizes = sorted({r["resolution"] for r in results if "resolution" in r})
     lines = [f"# GPU benchmark: {device}", "",
-             f"{'/'.join(map(str, sizes)) or '?'} px, rank-4 attention LoRA, random weights of the full SD 1.5 and "
-             "SDXL structures (SDXL rows say so), 8 pictures; "
+             f"{'/'.join(map(str, sizes)) or '?'} px, rank-4 attention LoRA, random weights of the full SD 1.5, "
+             "SDXL, FLUX.1 dev and Z-Image structures (rows other than SD 1.5 name their family), 8 pictures; "
              f"peak used for MFU: {peak}. Whole run {seconds:.0f} s. TFLOP/step is what ran (forward + backward, "
              "with the recomputation when checkpointing); VRAM is torch.cuda.max_memory_allocated.", "",
              "| case | s/step | images/s | peak VRAM GB (steps) | peak VRAM GB (cache pass) | TFLOP/step | MFU |",
@@ -237,7 +268,8 @@ def drive(args: argparse.Namespace) -> int:
         data = work / f"data-{case.resolution}"
         if not data.is_dir():
             draw_dataset(data, case.resolution, count=8)
-        checkpoint = str(random_checkpoint(case.family, args.checkpoint))
+        checkpoint = str(random_checkpoint(case.family, args.checkpoint)) if case.family in ("sd15", "sdxl") \
+            else f"random-{case.family}-in-memory.safetensors"
         config = run_config(case, checkpoint, data, folder / "run", work / "cache")
         folder.mkdir(parents=True)
         results.append(launch(case, config, folder / "result.json", folder / "log.txt", left))
@@ -247,7 +279,8 @@ def drive(args: argparse.Namespace) -> int:
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps({"device": device, "peak_tflops": peak, "cases": results},
                                                    indent=2) + "\n")
-    shutil.rmtree(work, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
     print(text)
     print(f"[gpu bench] wrote {out.with_suffix('.md')} and .json")
     return 0
@@ -261,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, TFLOP/s")
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: the cached random-weight SD 1.5")
     parser.add_argument("--cpu-check", action="store_true", help="tiny CPU cases, to check the plumbing")
-    parser.add_argument("--only", nargs="+", choices=("sd15", "sdxl"), default=None,
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (each case's log)")
+    parser.add_argument("--only", nargs="+", choices=("sd15", "sdxl", "flux", "zimage"), default=None,
                         help="only the cases of these families")
     return drive(parser.parse_args(argv))
 

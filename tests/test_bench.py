@@ -3,6 +3,8 @@ the results table, and the GPU script's behaviour on a machine without CUDA."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bench import gpu
@@ -129,8 +131,25 @@ def test_gpu_peaks_pick_the_right_part() -> None:
 def test_gpu_cases_cover_the_issue() -> None:
     labels = [c.label for c in gpu.gpu_cases()]
     assert {"fp16 b1", "fp16 b1 ckpt", "bf16 b1", "fp16 b8", "bf16 b8", "sdxl bf16 b1", "sdxl bf16 b1 ckpt",
-            "sdxl bf16 b4", "sdxl bf16 b4 ckpt"} == set(labels)
-    assert {(c.family, c.resolution) for c in gpu.gpu_cases()} == {("sd15", 512), ("sdxl", 1024)}
+            "sdxl bf16 b4", "sdxl bf16 b4 ckpt", "flux bf16 b1 ckpt int8", "flux bf16 b1 ckpt nf4",
+            "flux bf16 b1 ckpt", "flux bf16 b1", "zimage bf16 b1 ckpt int8", "zimage bf16 b1 ckpt",
+            "zimage bf16 b1"} == set(labels)
+    assert {(c.family, c.resolution) for c in gpu.gpu_cases()} == {("sd15", 512), ("sdxl", 1024), ("flux", 1024),
+                                                                    ("zimage", 1024)}
+
+
+def test_gpu_script_dit_cases_run_their_plumbing_on_the_cpu() -> None:
+    """The DiT families' in-memory random models (bench/random_dit.py) through the trainer's step loop, small."""
+    import json
+    import tempfile
+
+    assert gpu.main(["--cpu-check", "--only", "flux", "zimage"]) == 0
+    report = json.loads((Path(tempfile.gettempdir()) / "lora-foundry-gpu-cpu-check.json").read_text())
+    rows = {case["label"]: case for case in report["cases"]}
+    assert set(rows) == {"flux no b1 ckpt int8", "zimage no b1"}
+    for label, row in rows.items():
+        assert "error" not in row, (label, row.get("log_tail"))
+        assert row["s_per_step"] > 0 and row["flops_per_step"] > 0
 
 
 def test_gpu_script_skips_without_cuda(capsys) -> None:
