@@ -68,3 +68,16 @@ def test_with_a_decaying_schedule_the_length_is_part_of_the_run() -> None:
     cosine = {"train": {"lr_scheduler": "cosine", "max_steps": 400}}
     longer = {"train": {"lr_scheduler": "cosine", "max_steps": 800}}
     assert identity(cosine) != identity(longer)
+
+
+def test_separate_model_files_are_part_of_the_run_by_name() -> None:
+    """A diffusion model's text encoders and VAE: which files (by name, in any order) is the run; where they sit
+    is not. The flow-matching settings and a quantized base change the weights: a new run."""
+    files = {"text_encoders": ["/m/text_encoders/t5xxl.safetensors", "/m/text_encoders/clip_l.safetensors"],
+             "vae": "/m/vae/ae.safetensors"}
+    moved = {"text_encoders": ["/n/clip_l.safetensors", "/n/t5xxl.safetensors"], "vae": "/n/ae.safetensors"}
+    assert identity({"model": files}) == identity({"model": moved}) != identity()
+    assert identity({"model": {**files, "vae": "/m/vae/other.safetensors"}}) != identity({"model": files})
+    for changed in ({"base_quantization": "int8"}, {"timestep_shift": 3.0}, {"guidance": 3.5},
+                    {"timestep_sampling": "uniform"}):
+        assert identity({"train": changed}) != identity(), changed

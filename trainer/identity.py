@@ -29,9 +29,10 @@ _NEUTRAL = {
 # settings added after runs were first identified: at their defaults they are left out, so a run made before
 # they existed keeps its identity (and its LoRA stays this run's own)
 _LATER_DEFAULTS = {
-    "model": {"zero_terminal_snr": False},
+    "model": {"zero_terminal_snr": False, "text_encoders": [], "vae": None},
     "lora": {"train_text_encoder_2": False},
-    "train": {"text_encoder_2_learning_rate": None},
+    "train": {"text_encoder_2_learning_rate": None, "timestep_sampling": "auto", "logit_mean": 0.0,
+              "logit_std": 1.0, "timestep_shift": 0.0, "guidance": 1.0, "base_quantization": "none"},
 }
 
 
@@ -53,6 +54,10 @@ def run_identity(cfg: RunConfig, data_content: str) -> str:
             if raw[section].get(name) == default:
                 raw[section].pop(name)
     raw["model"]["path"] = Path(cfg.model.path).name
+    if cfg.model.text_encoders:  # by name, as the model file: the same files elsewhere are the same run
+        raw["model"]["text_encoders"] = sorted(Path(path).name for path in cfg.model.text_encoders)
+    if cfg.model.vae:
+        raw["model"]["vae"] = Path(cfg.model.vae).name
     if length_free(cfg):
         raw["train"].pop("max_steps")
         raw["train"].pop("epochs")
