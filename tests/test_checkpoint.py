@@ -25,6 +25,7 @@ from trainer.families.detect import (
     FLUX2,
     FLUX_CONTROL,
     LORA,
+    LUMINA2,
     SD1,
     SD1_INPAINT,
     SD2,
@@ -33,6 +34,7 @@ from trainer.families.detect import (
     SDXL_DISTILLED,
     SDXL_REFINER,
     UNKNOWN,
+    ZIMAGE,
     UnsupportedModelError,
     describe_checkpoint,
     detect_family,
@@ -103,6 +105,10 @@ FAKES: dict[str, dict[str, torch.Tensor]] = {
     "chroma": {"double_blocks.0.img_attn.qkv.weight": tiny(6, 2), "img_in.weight": tiny(2, 64),
                "distilled_guidance_layer.norms.0.scale": tiny(2)},
     "sd3": {"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": tiny(6, 2)},
+    "zimage": {"model.diffusion_model.cap_embedder.1.weight": tiny(8, 4),
+               "model.diffusion_model.layers.0.adaLN_modulation.0.weight": tiny(32, 4)},
+    "zimage_bare": {"cap_embedder.1.weight": tiny(8, 4), "layers.0.adaLN_modulation.0.weight": tiny(32, 4)},
+    "lumina2": {"cap_embedder.1.weight": tiny(8, 4), "layers.0.adaLN_modulation.1.weight": tiny(32, 4)},
     "lora": {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": tiny(4, 320)},
     "unrelated": {"encoder.layer.0.weight": tiny(2, 2)},
 }
@@ -121,6 +127,9 @@ EXPECTED = {
     "flux2": FLUX2,
     "chroma": CHROMA,
     "sd3": SD3,
+    "zimage": ZIMAGE,
+    "zimage_bare": ZIMAGE,
+    "lumina2": LUMINA2,
     "lora": LORA,
     "unrelated": UNKNOWN,
 }
@@ -156,7 +165,8 @@ def test_sd1_is_accepted(tmp_path: Path) -> None:
     require_sd15(str(write_fake(tmp_path, "sd1", suffix=".ckpt", nested=True)))
 
 
-@pytest.mark.parametrize(("name", "family"), [("sd1", "sd15"), ("sdxl", "sdxl")])
+@pytest.mark.parametrize(("name", "family"), [("sd1", "sd15"), ("sdxl", "sdxl"), ("flux", "flux"),
+                                              ("zimage", "zimage")])
 def test_the_family_is_read_from_the_file(tmp_path: Path, name: str, family: str) -> None:
     assert detect_family(write_fake(tmp_path, name)) == family
     require_family(write_fake(tmp_path, name, suffix=".ckpt"), family)
@@ -166,7 +176,8 @@ def test_the_family_is_read_from_the_file(tmp_path: Path, name: str, family: str
     ("name", "phrase"),
     [
         ("sdxl", "is an SDXL model, but model.family is 'sd15' (SD 1.5); set model.family to 'sdxl' or 'auto'"),
-        ("sdxl_refiner", "looks like an SDXL refiner checkpoint; LoRA Foundry trains SD 1.5, SDXL and FLUX.1 LoRAs"),
+        ("sdxl_refiner",
+         "looks like an SDXL refiner checkpoint; LoRA Foundry trains SD 1.5, SDXL, FLUX.1 and Z-Image LoRAs"),
         ("sdxl_distilled", "looks like a distilled SDXL (SSD-1B, Vega or KOALA) checkpoint"),
         ("sdxl_unet_only", "without VAE, text encoder and second text encoder weights"),
         ("sd2", "looks like an SD 2.x checkpoint"),
@@ -175,9 +186,11 @@ def test_the_family_is_read_from_the_file(tmp_path: Path, name: str, family: str
         ("flux_fill", "looks like a FLUX.1 Fill, Depth or Canny (extra input channels) checkpoint"),
         ("flux2", "looks like a FLUX.2 checkpoint"),
         ("chroma", "looks like a Chroma checkpoint"),
+        ("lumina2", "looks like a Lumina Image 2.0 checkpoint"),
+        ("zimage", "is a Z-Image model, but model.family is 'sd15' (SD 1.5); set model.family to 'zimage' or 'auto'"),
         ("sd1_inpaint", "looks like an SD 1.x inpainting checkpoint"),
         ("lora", "looks like a LoRA, not a base model"),
-        ("unrelated", "is not a recognisable SD 1.5, SDXL and FLUX.1 checkpoint"),
+        ("unrelated", "is not a recognisable SD 1.5, SDXL, FLUX.1 or Z-Image checkpoint"),
         ("sd1_unet_only", "without VAE and text encoder weights"),
     ],
 )

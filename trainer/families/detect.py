@@ -131,7 +131,8 @@ def _rejection_message(path: Path, kind: CheckpointKind) -> str:
     if kind == LORA:
         return f"{path} looks like a LoRA, not a base model; choose an {TRAINED_NAMES} checkpoint to train on"
     if kind == UNKNOWN:
-        return f"{path} is not a recognisable {TRAINED_NAMES} checkpoint (no UNet weights of either); {only}"
+        either = TRAINED_NAMES.replace(" and ", " or ")
+        return f"{path} is not a recognisable {either} checkpoint (no UNet or transformer of any); {only}"
     return f"{path} looks like {kind.article} {kind.name} checkpoint; {only}"
 
 
