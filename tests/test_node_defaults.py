@@ -49,7 +49,8 @@ def test_the_train_node_opens_short_where_comfyui_has_advanced_inputs(comfy_serv
     if comfyui_version() < (0, 33, 0):
         assert not any(advanced_inputs(info, node) for node in info if node.startswith("LoraFoundry"))
         return
-    assert advanced_inputs(info, "LoraFoundryTrain") == RARELY_USED_TRAIN_INPUTS
+    # base_quantization: advanced and optional (old workflows and API prompts lack it)
+    assert advanced_inputs(info, "LoraFoundryTrain") == RARELY_USED_TRAIN_INPUTS | {"base_quantization"}
     assert advanced_inputs(info, "LoraFoundryLoraConfig") == {"init", "dropout"}
     assert advanced_inputs(info, "LoraFoundryDataset") == {"top_rows"}
     assert info["LoraFoundryTrain"]["search_aliases"] == ["train lora", "lora trainer", "dreambooth"]
