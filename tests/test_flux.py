@@ -9,10 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import kill_after_checkpoint, read_events, run_trainer, tiny_config
+from conftest import read_events, run_trainer, tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_trainer import assert_ok, assert_two_processes_match_one, lora_of, max_diff
+from test_trainer import (
+    assert_ok,
+    assert_resumed_run_matches_uninterrupted,
+    assert_two_processes_match_one,
+    lora_of,
+)
 
 from trainer.config import ModelConfig, TrainConfig
 from trainer.data import open_image, prepare_image
@@ -119,16 +124,8 @@ def test_flux_two_processes_match_one(tmp_path, tiny_flux, two_image_folder) -> 
 
 
 def test_killed_flux_run_resumes_to_the_same_lora(tmp_path, tiny_flux, two_image_folder) -> None:
-    train = {"max_steps": 8, "save_every_steps": 3}
-    whole = flux_config(tmp_path / "whole", tiny_flux, two_image_folder, train=train)
-    assert_ok(run_trainer(whole))
-    cut = flux_config(tmp_path / "cut", tiny_flux, two_image_folder, train=train)
-    kill_after_checkpoint(cut, step=4)
-    assert not Path(cut["output"]["lora_path"]).exists(), "the run finished before it could be killed"
-    assert_ok(run_trainer(cut))
-    resumed = [e for e in read_events(tmp_path / "cut") if e["type"] == "resume"]
-    assert resumed and resumed[-1]["step"] == 3
-    assert max_diff(lora_of(whole), lora_of(cut)) < 1e-6
+    assert_resumed_run_matches_uninterrupted(tmp_path, Path(tiny_flux["model"]["path"]), two_image_folder,
+                                             model=dict(tiny_flux["model"]))
 
 
 def test_flux_schnell_with_clip_lora_samples_and_says_what_it_is(tmp_path, tiny_flux_schnell,

@@ -15,9 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import draw_image, kill_after_checkpoint, read_events, run_trainer, tiny_config
+from conftest import draw_image, read_events, run_trainer, tiny_config
 from safetensors import safe_open
-from test_trainer import assert_ok, assert_two_processes_match_one, lora_of, max_diff
+from test_trainer import (
+    assert_ok,
+    assert_resumed_run_matches_uninterrupted,
+    assert_two_processes_match_one,
+)
 
 from trainer.config import ModelConfig, parse_config
 from trainer.data import Framing, prepare_framed
@@ -163,17 +167,8 @@ def test_two_processes_match_one(tmp_path, tiny_sdxl_dir, two_image_folder) -> N
 
 
 def test_killed_run_resumes_to_the_same_lora(tmp_path, tiny_sdxl_dir, two_image_folder) -> None:
-    train = {"max_steps": 8, "save_every_steps": 3}
-    lora = {"train_text_encoder_2": True}
-    whole = tiny_config(tmp_path / "whole", tiny_sdxl_dir, two_image_folder, train=train, lora=lora)
-    assert_ok(run_trainer(whole))
-    cut = tiny_config(tmp_path / "cut", tiny_sdxl_dir, two_image_folder, train=train, lora=lora)
-    kill_after_checkpoint(cut, step=4)
-    assert not Path(cut["output"]["lora_path"]).exists(), "the run finished before it could be killed"
-    assert_ok(run_trainer(cut))
-    resumed = [e for e in read_events(tmp_path / "cut") if e["type"] == "resume"]
-    assert resumed and resumed[-1]["step"] == 3
-    assert max_diff(lora_of(whole), lora_of(cut)) < 1e-6
+    assert_resumed_run_matches_uninterrupted(tmp_path, tiny_sdxl_dir, two_image_folder,
+                                             lora={"train_text_encoder_2": True})
 
 
 def test_a_portrait_trains_and_samples_at_its_own_bucket(tmp_path, tiny_sdxl_dir) -> None:

@@ -141,11 +141,18 @@ def assert_two_processes_match_one(tmp_path: Path, model_dir: Path, data_folder:
 
 
 def test_killed_run_resumes_to_the_same_lora(tmp_path, tiny_model_dir, two_image_folder) -> None:
+    assert_resumed_run_matches_uninterrupted(tmp_path, tiny_model_dir, two_image_folder)
+
+
+def assert_resumed_run_matches_uninterrupted(tmp_path: Path, model_dir: Path, data_folder: Path,
+                                            **sections: dict) -> None:
+    """A run killed after its step-3 checkpoint, run again, resumes there and ends with the LoRA of the run
+    never killed (within 1e-6)."""
     train = {"max_steps": 8, "save_every_steps": 3}
-    whole = tiny_config(tmp_path / "whole", tiny_model_dir, two_image_folder, train=train)
+    whole = tiny_config(tmp_path / "whole", model_dir, data_folder, train=train, **sections)
     assert_ok(run_trainer(whole))
 
-    cut = tiny_config(tmp_path / "cut", tiny_model_dir, two_image_folder, train=train)
+    cut = tiny_config(tmp_path / "cut", model_dir, data_folder, train=train, **sections)
     kill_after_checkpoint(cut, step=4)
     assert not Path(cut["output"]["lora_path"]).exists(), "the run finished before it could be killed"
 

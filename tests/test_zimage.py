@@ -7,10 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import kill_after_checkpoint, read_events, run_trainer
+from conftest import read_events, run_trainer
 from safetensors import safe_open
 from test_flux import FlowLoss, adapted_deltas, flux_config, lora_modules
-from test_trainer import assert_ok, assert_two_processes_match_one, lora_of, max_diff
+from test_trainer import (
+    assert_ok,
+    assert_resumed_run_matches_uninterrupted,
+    assert_two_processes_match_one,
+    lora_of,
+)
 
 from trainer.config import LoraConfig, ModelConfig, TrainConfig
 from trainer.families import UnsupportedModelError, family_for
@@ -54,16 +59,8 @@ def test_zimage_two_processes_match_one(tmp_path, tiny_zimage, two_image_folder)
 
 
 def test_killed_zimage_run_resumes_to_the_same_lora(tmp_path, tiny_zimage, two_image_folder) -> None:
-    train = {"max_steps": 8, "save_every_steps": 3}
-    whole = flux_config(tmp_path / "whole", tiny_zimage, two_image_folder, train=train)
-    assert_ok(run_trainer(whole))
-    cut = flux_config(tmp_path / "cut", tiny_zimage, two_image_folder, train=train)
-    kill_after_checkpoint(cut, step=4)
-    assert not Path(cut["output"]["lora_path"]).exists(), "the run finished before it could be killed"
-    assert_ok(run_trainer(cut))
-    resumed = [e for e in read_events(tmp_path / "cut") if e["type"] == "resume"]
-    assert resumed and resumed[-1]["step"] == 3
-    assert max_diff(lora_of(whole), lora_of(cut)) < 1e-6
+    assert_resumed_run_matches_uninterrupted(tmp_path, Path(tiny_zimage["model"]["path"]), two_image_folder,
+                                             model=dict(tiny_zimage["model"]))
 
 
 def test_zimage_all_linear_lora_says_what_it_is(tmp_path, tiny_zimage, two_image_folder) -> None:
