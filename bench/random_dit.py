@@ -36,7 +36,7 @@ def _init(module: torch.nn.Module, device: str, dtype: torch.dtype, seed: int) -
                 parameter.fill_(1.0)
             else:
                 parameter.zero_()
-    return module.requires_grad_(False).train(False)
+    return module  # Components freezes it
 
 
 def _meta(make: Any) -> torch.nn.Module:

@@ -63,9 +63,22 @@ class Components:
     # only their bytes are hashed (empty: hash the whole files)
     source_hash_prefixes: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        for module in (self.denoiser, self.vae, *self.text_encoders.values()):  # frozen, in inference mode
+            module.requires_grad_(False)
+            module.train(False)
+
     def parts(self) -> dict[str, torch.nn.Module]:
         """Every model, by LoRA prefix: the denoiser first, then the text encoders."""
         return {DENOISER: self.denoiser, **self.text_encoders}
+
+
+def cast_vae(vae: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The VAE in the training dtype, but fp32 for fp16: the SDXL and FLUX VAEs overflow in fp16 (NaN latents);
+    bf16 has fp32's range."""
+    wanted = torch.float32 if dtype == torch.float16 else dtype
+    if vae.dtype != wanted:
+        vae.to(wanted)
 
 
 class ModelFamily(ABC):

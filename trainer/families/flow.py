@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 
+from ..config import TrainConfig
 from .base import Objective
 
 Density = Literal["uniform", "logit_normal"]
@@ -37,6 +38,25 @@ class TimestepSampling:
     logit_std: float = 1.0
     shift: float = 1.0  # a fixed shift; 1 leaves σ alone
     resolution_shift: bool = False  # FLUX: the shift follows the number of image tokens (replaces `shift`)
+
+
+def sampling_from(train: TrainConfig, own_shift: float, own_resolution_shift: bool = False) -> TimestepSampling:
+    """The σ draw the config asks for: `auto` is logit-normal, `sigmoid` logit-normal at mean 0 (kohya's); a
+    `train.timestep_shift` of 0 keeps the family's own shift (fixed, or by resolution), any other is fixed."""
+    sampling = train.timestep_sampling
+    return TimestepSampling(
+        density="logit_normal" if sampling in ("auto", "sigmoid") else sampling,
+        logit_mean=0.0 if sampling == "sigmoid" else train.logit_mean,
+        logit_std=train.logit_std,
+        shift=train.timestep_shift or own_shift,
+        resolution_shift=own_resolution_shift and not train.timestep_shift,
+    )
+
+
+def check_flow_settings(train: TrainConfig, family_label: str) -> None:
+    if train.min_snr_gamma:
+        raise ValueError("train.min_snr_gamma: min-SNR weighting is for noise-prediction (DDPM) models; "
+                         f"{family_label} is trained with flow matching (set it to 0)")
 
 
 def shift_for_tokens(image_tokens: int) -> float:

@@ -19,7 +19,7 @@ import torch
 from ..config import LoraConfig, ModelConfig, TrainConfig
 from ..weights import weight_files
 from . import flux_layout
-from .base import DENOISER, Components, ModelFamily
+from .base import DENOISER, Components, ModelFamily, cast_vae
 from .component_files import (
     CLIP_L_KEY,
     T5_KEY,
@@ -35,7 +35,7 @@ from .component_files import (
     tensor_shapes,
 )
 from .detect import is_diffusers_folder, require_family
-from .flow import FlowMatchObjective, TimestepSampling
+from .flow import FlowMatchObjective, check_flow_settings, sampling_from
 from .sd15 import TEXT_ATTENTION, TEXT_MLP
 from .tokenizers import clip_tokenizer, find_t5_tokenizer_dir, find_tokenizer_dir, tokenize
 
@@ -121,22 +121,13 @@ class FluxFamily(ModelFamily):
         return FluxFamily(variant_of(model), self.train)
 
     def configure(self, train: TrainConfig) -> None:
-        if train.min_snr_gamma:
-            raise ValueError("train.min_snr_gamma: min-SNR weighting is for noise-prediction (DDPM) models; "
-                             "FLUX.1 is trained with flow matching (set it to 0)")
+        check_flow_settings(train, self.label)
         self.train = train
 
     def objective(self, train: TrainConfig) -> FlowMatchObjective:
         """The σ draw: FLUX.1 dev's by resolution (as it samples), schnell's unshifted, unless told otherwise;
         logit-normal by default (SD3's finding, kohya's and ai-toolkit's default for FLUX)."""
-        density = {"auto": "logit_normal", "sigmoid": "logit_normal"}.get(train.timestep_sampling,
-                                                                          train.timestep_sampling)
-        mean = 0.0 if train.timestep_sampling == "sigmoid" else train.logit_mean
-        fixed = train.timestep_shift or 1.0
-        return FlowMatchObjective(TimestepSampling(
-            density=density, logit_mean=mean, logit_std=train.logit_std, shift=fixed,
-            resolution_shift=self.variant == "dev" and not train.timestep_shift,
-        ))
+        return FlowMatchObjective(sampling_from(train, 1.0, own_resolution_shift=self.variant == "dev"))
 
     def check(self, model: ModelConfig) -> None:
         require_family(model.path, self.name)
@@ -163,13 +154,7 @@ class FluxFamily(ModelFamily):
             hash_inputs = sorted({source.path for source in files.encoders()})
             # an all-in-one file: only its encoders' bytes decide the cache
             hash_prefixes = tuple(s.prefix for s in files.encoders() if s.path == model.path)
-        # the VAE overflows in fp16 as SDXL's does: it stays fp32 then; bf16 has fp32's range
-        vae_dtype = torch.float32 if dtype == torch.float16 else dtype
-        if vae.dtype != vae_dtype:
-            vae.to(vae_dtype)
-        for module in (transformer, vae, clip, t5):
-            module.requires_grad_(False)
-            module.train(False)
+        cast_vae(vae, dtype)
         return Components(transformer, vae, {CLIP_L: clip, T5: t5}, tokenizers,
                           self.objective(self.train), hash_inputs, hash_prefixes)
 

@@ -62,9 +62,6 @@ class SD15Family(ModelFamily):
         else:
             unet, vae, text_encoder = self._load_single_file(model.path, tokenizer, dtype)
             scheduler_dir, hash_inputs, hash_prefixes = CONFIG_DIR / "scheduler", [model.path], ENCODER_PREFIXES
-        for module in (unet, vae, text_encoder):
-            module.requires_grad_(False)
-            module.train(False)
         objective = DDPMObjective.from_config_dir(scheduler_dir, model)
         return Components(unet, vae, {TEXT_ENCODER: text_encoder}, {TEXT_ENCODER: tokenizer}, objective,
                           hash_inputs, hash_prefixes)

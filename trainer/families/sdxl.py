@@ -11,7 +11,7 @@ import torch
 
 from ..config import ModelConfig
 from ..weights import weight_files
-from .base import DENOISER, Components, ModelFamily
+from .base import DENOISER, Components, ModelFamily, cast_vae
 from .ddpm import DDPMObjective
 from .detect import is_diffusers_folder, require_family
 from .sd15 import TOKENS, clip_unet_targets
@@ -55,13 +55,7 @@ class SDXLFamily(ModelFamily):
         else:
             unet, vae, te1, te2 = self._load_single_file(model.path, tokenizers, dtype)
             scheduler_dir, hash_inputs, hash_prefixes = CONFIG_DIR / "scheduler", [model.path], ENCODER_PREFIXES
-        # SDXL's VAE overflows in fp16 (NaN latents): it stays fp32 then; bf16 has fp32's range
-        vae_dtype = torch.float32 if dtype == torch.float16 else dtype
-        if vae.dtype != vae_dtype:
-            vae.to(vae_dtype)
-        for module in (unet, vae, te1, te2):
-            module.requires_grad_(False)
-            module.train(False)
+        cast_vae(vae, dtype)
         return Components(
             unet, vae, {TEXT_ENCODER_1: te1, TEXT_ENCODER_2: te2}, tokenizers,
             DDPMObjective.from_config_dir(scheduler_dir, model), hash_inputs, hash_prefixes,

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..config import LoraConfig, ModelConfig, TrainConfig
-from .base import Components, ModelFamily
+from .base import Components, ModelFamily, cast_vae
 from .component_files import (
     QWEN3_KEY,
     VAE_KEY,
@@ -33,7 +33,7 @@ from .component_files import (
     tensor_shapes,
 )
 from .detect import require_family
-from .flow import FlowMatchObjective, TimestepSampling
+from .flow import FlowMatchObjective, check_flow_settings, sampling_from
 from .tokenizers import find_qwen_tokenizer_dir
 
 CONFIG_DIR = Path(__file__).parent / "zimage_config"
@@ -120,18 +120,13 @@ class ZImageFamily(ModelFamily):
         return ZImageFamily(self.train)
 
     def configure(self, train: TrainConfig) -> None:
-        if train.min_snr_gamma:
-            raise ValueError("train.min_snr_gamma: min-SNR weighting is for noise-prediction (DDPM) models; "
-                             "Z-Image is trained with flow matching (set it to 0)")
+        check_flow_settings(train, self.label)
         self.train = train
 
     def objective(self, train: TrainConfig) -> FlowMatchObjective:
         """Logit-normal σ shifted by Z-Image's 3.0 unless told otherwise (the Turbo scheduler's training table
         is shifted the same way)."""
-        density = "logit_normal" if train.timestep_sampling in ("auto", "sigmoid") else train.timestep_sampling
-        mean = 0.0 if train.timestep_sampling == "sigmoid" else train.logit_mean
-        return FlowMatchObjective(TimestepSampling(density=density, logit_mean=mean, logit_std=train.logit_std,
-                                                   shift=train.timestep_shift or SHIFT))
+        return FlowMatchObjective(sampling_from(train, SHIFT))
 
     def check(self, model: ModelConfig) -> None:
         require_family(model.path, self.name)
@@ -156,12 +151,7 @@ class ZImageFamily(ModelFamily):
         qwen3 = qwen3_encoder(read_tensors(files.qwen3.path, files.qwen3.prefix, dtype), CONFIG_DIR / "qwen3_4b.json",
                               f"{files.qwen3.path} (Qwen3)")
         vae = ldm_vae(read_tensors(files.vae.path, files.vae.prefix, dtype), CONFIG_DIR / "vae", dtype)
-        vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # fp16 overflows in the VAE
-        if vae.dtype != vae_dtype:
-            vae.to(vae_dtype)
-        for module in (transformer, vae, qwen3):
-            module.requires_grad_(False)
-            module.train(False)
+        cast_vae(vae, dtype)
         encoders = [files.qwen3, files.vae]
         return Components(transformer, vae, {QWEN3: qwen3}, {QWEN3: qwen_tokenizer(model)},
                           self.objective(self.train), sorted({s.path for s in encoders}),
