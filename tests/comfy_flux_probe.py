@@ -70,6 +70,17 @@ def lora_report(applied, path: str) -> dict:
             "mapped": [name for name in names if name in applied.key_map]}
 
 
+def probe_loras(comfy, model, clip, loras: dict[str, str], out_dir: Path) -> dict:
+    """Each case's file through ComfyUI's loader: its report, and OUT_DIR/delta-CASE.safetensors."""
+    reports = {}
+    for case, path in loras.items():
+        applied = apply_lora(comfy, model, clip, path)
+        reports[case] = lora_report(applied, path)
+        save_file({k: v.contiguous() for k, v in patched_deltas(comfy, applied).items()},
+                  str(out_dir / f"delta-{case}.safetensors"))
+    return reports
+
+
 def main() -> None:
     comfy = import_comfy()
     request = json.loads(sys.stdin.read())
@@ -81,12 +92,7 @@ def main() -> None:
         guidance = None if request["schnell"] else inputs["guidance"]
         out = model.model.diffusion_model(inputs["x"], inputs["timestep"], inputs["context"], inputs["y"], guidance)
     save_file({"out": out.contiguous()}, str(out_dir / "forward.safetensors"))
-    report = {"load": load, "clip_load": clip_load, "loras": {}}
-    for case, path in request["loras"].items():
-        applied = apply_lora(comfy, model, clip, path)
-        report["loras"][case] = lora_report(applied, path)
-        save_file({k: v.contiguous() for k, v in patched_deltas(comfy, applied).items()},
-                  str(out_dir / f"delta-{case}.safetensors"))
+    report = {"load": load, "clip_load": clip_load, "loras": probe_loras(comfy, model, clip, request["loras"], out_dir)}
     (out_dir / "report.json").write_text(json.dumps(report))
 
 

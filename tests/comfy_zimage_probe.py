@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 import torch
-from comfy_flux_probe import lora_report, patched_deltas
-from comfy_lora_probe import CPU, apply_lora, import_comfy
+from comfy_flux_probe import probe_loras
+from comfy_lora_probe import CPU, import_comfy
 from safetensors.torch import load_file, save_file
 
 
@@ -56,12 +56,7 @@ def main() -> None:
         context = inputs["context"]
         out = model.model.diffusion_model(inputs["x"], inputs["timestep"], context, context.shape[1])
     save_file({"out": out.contiguous()}, str(out_dir / "forward.safetensors"))
-    report = {"load": load, "loras": {}}
-    for case, path in request["loras"].items():
-        applied = apply_lora(comfy, model, None, path)
-        report["loras"][case] = lora_report(applied, path)
-        save_file({k: v.contiguous() for k, v in patched_deltas(comfy, applied).items()},
-                  str(out_dir / f"delta-{case}.safetensors"))
+    report = {"load": load, "loras": probe_loras(comfy, model, None, request["loras"], out_dir)}
     (out_dir / "report.json").write_text(json.dumps(report))
 
 

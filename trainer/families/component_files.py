@@ -84,6 +84,13 @@ def locate_parts(model: ModelConfig, parts: dict[str, Part], family_label: str, 
     return found
 
 
+def denoiser_source(path: str, checkpoint_prefix: str) -> Source:
+    """The diffusion model's tensors: under `checkpoint_prefix` in an all-in-one checkpoint, bare in a file from
+    models/diffusion_models."""
+    inside = any(key.startswith(checkpoint_prefix) for key in tensor_shapes(path))
+    return Source(path, checkpoint_prefix if inside else "")
+
+
 def tensor_shapes(path: str | Path, prefix: str = "") -> dict[str, tuple[int, ...]]:
     """Name (prefix cut) -> shape of the tensors under `prefix` in a .safetensors file, reading no data."""
     _, header = safetensors_header(path)

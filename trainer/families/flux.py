@@ -28,6 +28,7 @@ from .component_files import (
     Source,
     build_with_weights,
     clip_text_model,
+    denoiser_source,
     ldm_vae,
     locate_parts,
     read_tensors,
@@ -82,9 +83,8 @@ class FluxFiles:
 def locate_files(model: ModelConfig) -> FluxFiles:
     """Each component's file (component_files.locate_parts); UnsupportedModelError naming what is missing."""
     parts = locate_parts(model, PARTS, "FLUX.1", WHERE)
-    keys = tensor_shapes(model.path)
-    prefix = flux_layout.CHECKPOINT_PREFIX if any(k.startswith(flux_layout.CHECKPOINT_PREFIX) for k in keys) else ""
-    return FluxFiles(Source(model.path, prefix), parts["clip_l"], parts["t5"], parts["vae"])
+    return FluxFiles(denoiser_source(model.path, flux_layout.CHECKPOINT_PREFIX), parts["clip_l"], parts["t5"],
+                     parts["vae"])
 
 
 def variant_of(model: ModelConfig) -> str:

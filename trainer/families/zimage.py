@@ -26,11 +26,11 @@ from .component_files import (
     VAE_KEY,
     Part,
     Source,
+    denoiser_source,
     ldm_vae,
     locate_parts,
     qwen3_encoder,
     read_tensors,
-    tensor_shapes,
 )
 from .detect import require_family
 from .flow import FlowMatchObjective, check_flow_settings, sampling_from
@@ -72,9 +72,7 @@ class ZImageFiles:
 
 def locate_files(model: ModelConfig) -> ZImageFiles:
     parts = locate_parts(model, PARTS, "Z-Image", WHERE)
-    keys = tensor_shapes(model.path)
-    prefix = CHECKPOINT_PREFIX if any(k.startswith(CHECKPOINT_PREFIX) for k in keys) else ""
-    return ZImageFiles(Source(model.path, prefix), parts["qwen3"], parts["vae"])
+    return ZImageFiles(denoiser_source(model.path, CHECKPOINT_PREFIX), parts["qwen3"], parts["vae"])
 
 
 def transformer_sizes(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
