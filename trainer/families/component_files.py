@@ -91,6 +91,12 @@ def denoiser_source(path: str, checkpoint_prefix: str) -> Source:
     return Source(path, checkpoint_prefix if inside else "")
 
 
+def folder_models(folder: Path, dtype: torch.dtype, classes: dict[str, Any]) -> list[Any]:
+    """The models of a diffusers folder, offline, in `dtype`: subfolder -> model class, in the order given."""
+    return [cls.from_pretrained(folder / sub, torch_dtype=dtype, local_files_only=True)
+            for sub, cls in classes.items()]
+
+
 def tensor_shapes(path: str | Path, prefix: str = "") -> dict[str, tuple[int, ...]]:
     """Name (prefix cut) -> shape of the tensors under `prefix` in a .safetensors file, reading no data."""
     _, header = safetensors_header(path)

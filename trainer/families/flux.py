@@ -29,6 +29,7 @@ from .component_files import (
     build_with_weights,
     clip_text_model,
     denoiser_source,
+    folder_models,
     ldm_vae,
     locate_parts,
     read_tensors,
@@ -268,13 +269,10 @@ def _load_folder(path: Path, dtype: torch.dtype) -> tuple[Any, Any, Any, Any]:
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
 
-    kwargs = {"torch_dtype": dtype, "local_files_only": True}
-    return (
-        FluxTransformer2DModel.from_pretrained(path / "transformer", **kwargs),
-        AutoencoderKL.from_pretrained(path / "vae", **kwargs),
-        CLIPTextModel.from_pretrained(path / "text_encoder", **kwargs),
-        T5EncoderModel.from_pretrained(path / "text_encoder_2", **kwargs),
-    )
+    transformer, vae, clip, t5 = folder_models(path, dtype, {
+        "transformer": FluxTransformer2DModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+        "text_encoder_2": T5EncoderModel})
+    return transformer, vae, clip, t5
 
 
 FLUX = FluxFamily()

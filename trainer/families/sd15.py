@@ -10,6 +10,7 @@ import torch
 from ..config import ModelConfig
 from ..weights import weight_files
 from .base import DENOISER, Components, ModelFamily
+from .component_files import folder_models
 from .ddpm import DDPMObjective
 from .detect import is_diffusers_folder, require_family
 from .single_file import load_pipeline
@@ -71,10 +72,8 @@ class SD15Family(ModelFamily):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        kwargs = {"torch_dtype": dtype, "local_files_only": True}
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", **kwargs)
-        vae = AutoencoderKL.from_pretrained(path / "vae", **kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", **kwargs)
+        unet, vae, text_encoder = folder_models(path, dtype, {"unet": UNet2DConditionModel, "vae": AutoencoderKL,
+                                                             "text_encoder": CLIPTextModel})
         return unet, vae, text_encoder, path / "scheduler"
 
     @staticmethod

@@ -12,6 +12,7 @@ import torch
 from ..config import ModelConfig
 from ..weights import weight_files
 from .base import DENOISER, Components, ModelFamily, cast_vae
+from .component_files import folder_models
 from .ddpm import DDPMObjective
 from .detect import is_diffusers_folder, require_family
 from .sd15 import TOKENS, clip_unet_targets
@@ -66,13 +67,10 @@ class SDXLFamily(ModelFamily):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-        kwargs = {"torch_dtype": dtype, "local_files_only": True}
-        return (
-            UNet2DConditionModel.from_pretrained(path / "unet", **kwargs),
-            AutoencoderKL.from_pretrained(path / "vae", **kwargs),
-            CLIPTextModel.from_pretrained(path / "text_encoder", **kwargs),
-            CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", **kwargs),
-        )
+        unet, vae, te1, te2 = folder_models(path, dtype, {"unet": UNet2DConditionModel, "vae": AutoencoderKL,
+                                                          "text_encoder": CLIPTextModel,
+                                                          "text_encoder_2": CLIPTextModelWithProjection})
+        return unet, vae, te1, te2
 
     @staticmethod
     def _load_single_file(path: str, tokenizers: dict[str, Any], dtype: torch.dtype) -> tuple[Any, Any, Any, Any]:
