@@ -148,7 +148,7 @@ def assert_resumed_run_matches_uninterrupted(tmp_path: Path, model_dir: Path, da
                                             **sections: dict) -> None:
     """A run killed after its step-3 checkpoint, run again, resumes there and ends with the LoRA of the run
     never killed (within 1e-6)."""
-    train = {"max_steps": 8, "save_every_steps": 3}
+    train = {**sections.pop("train", {}), "max_steps": 8, "save_every_steps": 3}
     whole = tiny_config(tmp_path / "whole", model_dir, data_folder, train=train, **sections)
     assert_ok(run_trainer(whole))
 

@@ -14,12 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .optimizers import schedule_problems
+
 Crop = Literal["center", "random"]
 TargetPreset = Literal["attention", "attention_ff", "all"]
 LoraInit = Literal["gaussian", "default"]  # inits that change the base weights cannot be exported
-Optimizer = Literal["adamw", "adamw8bit"]
+# what each optimizer and schedule is, and which pairs are refused: trainer/optimizers.py
+Optimizer = Literal["adamw", "adamw8bit", "prodigy", "adafactor", "adamw_schedulefree"]
 LrScheduler = Literal[
-    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "adafactor"
 ]
 MixedPrecision = Literal["no", "fp16", "bf16", "auto"]  # auto: bf16 or fp16 on CUDA, fp32 elsewhere
 Device = Literal["auto", "cpu", "cuda", "mps"]
@@ -262,7 +265,7 @@ def _range_problems(cfg: RunConfig) -> list[str]:
         (s.width < 0 or s.width % 8, "sample.width: 0 (training resolution) or a multiple of 8"),
         (s.height < 0 or s.height % 8, "sample.height: 0 (training resolution) or a multiple of 8"),
     ]
-    return [message for failed, message in checks if failed]
+    return [message for failed, message in checks if failed] + schedule_problems(t)
 
 
 def parse_config(raw: Any) -> RunConfig:

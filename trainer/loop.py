@@ -15,7 +15,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from diffusers.optimization import get_scheduler
 from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -27,6 +26,7 @@ from .encode import Encoded, encode_dataset
 from .events import EventLog
 from .families import DENOISER, Components, ModelFamily, Objective, family_for
 from .lora_file import base_model_hashes, count_tags, dataset_name, kohya_state_dict, lora_metadata, save_lora_file
+from .optimizers import averaged_weights, current_lr, make_lr_scheduler, make_optimizer
 from .quantize import quantize_frozen
 from .resume import load_checkpoint, newest_checkpoint, save_checkpoint
 from .sampling import render_samples
@@ -150,22 +150,11 @@ def add_lora(cfg: RunConfig, family: ModelFamily, components: Components) -> dic
     return params
 
 
-def make_optimizer(
-    cfg: RunConfig, family: ModelFamily, params: dict[str, list[torch.nn.Parameter]], on_cuda: bool
-) -> torch.optim.Optimizer:
+def optimizer_groups(
+    cfg: RunConfig, family: ModelFamily, params: dict[str, list[torch.nn.Parameter]]
+) -> list[dict[str, Any]]:
     """One parameter group per trained part, each at its own learning rate."""
-    t = cfg.train
-    groups = [{"params": group, "lr": family.learning_rate(prefix, t)} for prefix, group in params.items()]
-    kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay, eps=t.adam_epsilon)
-    if t.optimizer == "adamw8bit":
-        if not on_cuda:
-            raise RuntimeError("optimizer 'adamw8bit' (bitsandbytes) needs a CUDA GPU; use 'adamw' on this machine")
-        try:
-            import bitsandbytes as bnb
-        except ImportError as exc:
-            raise RuntimeError("optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes") from exc
-        return bnb.optim.AdamW8bit(groups, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+    return [{"params": group, "lr": family.learning_rate(prefix, cfg.train)} for prefix, group in params.items()]
 
 
 def total_steps(cfg: RunConfig, plan: EpochPlan) -> int:
@@ -279,16 +268,8 @@ class Trainer:
         if cfg.train.gradient_checkpointing:
             self.components.denoiser.enable_gradient_checkpointing()
         self.params = [p for group in params.values() for p in group]
-        optimizer = make_optimizer(cfg, self.family, params, self.device.type == "cuda")
-        schedule = cfg.train.lr_scheduler
-        if schedule == "constant" and cfg.train.lr_warmup_steps:
-            schedule = "constant_with_warmup"  # diffusers' "constant" ignores warmup steps
-        self.lr_scheduler = get_scheduler(
-            schedule,
-            optimizer=optimizer,
-            num_warmup_steps=cfg.train.lr_warmup_steps,
-            num_training_steps=self.total_steps,
-        )
+        optimizer = make_optimizer(cfg.train, optimizer_groups(cfg, self.family, params), self.device.type == "cuda")
+        self.lr_scheduler = make_lr_scheduler(cfg.train, optimizer, self.total_steps)
         parts = trained_parts(cfg, self.family, self.components)
         prepared = acc.prepare(*parts.values(), optimizer)
         self.models = dict(zip(parts, prepared[:-1], strict=True))  # LoRA prefix -> the prepared model
@@ -364,6 +345,7 @@ class Trainer:
         smoothed, last_time, batches_cache = None, time.time(), {}
         for model in self.models.values():
             model.train()
+        self.optimizer.train()  # schedule-free AdamW steps at its training point (trainer/optimizers.py)
         step = self.start_step
         for step in range(self.start_step, self.total_steps):
             self.check_stop_together()
@@ -395,6 +377,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
 
             done = self.steps_done = step + 1
+            lr = current_lr(self.optimizer, self.lr_scheduler)
             step_loss = acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
             smoothed = step_loss if smoothed is None else 0.9 * smoothed + 0.1 * step_loss
             now = time.time()
@@ -408,13 +391,13 @@ class Trainer:
                 epoch=epoch,
                 loss=step_loss,
                 smoothed_loss=smoothed,
-                lr=self.lr_scheduler.get_last_lr()[0],
+                lr=lr,
                 grad_norm=None if grad_norm is None else float(grad_norm),
                 images_per_s=images_per_s,
                 eta_s=eta,
             )
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
             if t.save_every_steps and done % t.save_every_steps == 0 and done < self.total_steps:
                 self.save_checkpoint(done)
             if cfg.sample.prompts and cfg.sample.every_steps and done % cfg.sample.every_steps == 0:
@@ -477,22 +460,28 @@ class Trainer:
             return  # already on disk (a stop right after a save, or a run resumed at its end)
         acc = self.accelerator
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            adapter = {f"{prefix}.{k}": v for prefix, model in self._unwrapped().items()
-                       for k, v in get_peft_model_state_dict(model).items()}
-            self.events.emit("saving", step=step)
-            folder = save_checkpoint(
-                self.cfg.run_dir,
-                step,
-                adapter=adapter,
-                optimizer=self.optimizer.state_dict(),
-                scheduler=self.lr_scheduler.state_dict(),
-                scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
-                write_lora=lambda p: self._write_lora(p, step, overwrite=True),
-            )
-            self.events.emit("checkpoint", step=step, path=str(folder), lora=str(folder / "lora.safetensors"))
+        # every process switches to the averaged weights and back, so they stay equal
+        with averaged_weights(self.optimizer):
+            if acc.is_main_process:
+                self._save_checkpoint_files(step)
         self.last_checkpoint_step = step
         acc.wait_for_everyone()
+
+    def _save_checkpoint_files(self, step: int) -> None:
+        scaler = self.accelerator.scaler
+        adapter = {f"{prefix}.{k}": v for prefix, model in self._unwrapped().items()
+                   for k, v in get_peft_model_state_dict(model).items()}
+        self.events.emit("saving", step=step)
+        folder = save_checkpoint(
+            self.cfg.run_dir,
+            step,
+            adapter=adapter,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.lr_scheduler.state_dict(),
+            scaler=scaler.state_dict() if scaler is not None else None,
+            write_lora=lambda p: self._write_lora(p, step, overwrite=True),
+        )
+        self.events.emit("checkpoint", step=step, path=str(folder), lora=str(folder / "lora.safetensors"))
 
     def sample(self, step: int) -> None:
         """Validation pictures; a failure (out of memory, a dtype the pipeline cannot take) is a warning and
@@ -501,27 +490,32 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         self.sampled_steps.add(step)
-        if acc.is_main_process:
-            self.events.emit("sampling", step=step, prompts=len(self.cfg.sample.prompts))
-            denoiser = self._unwrapped()[DENOISER]
-            precision = weight_dtype(acc)
-            try:
-                for path in render_samples(self.cfg, self.family, self.components, denoiser, self.device, step,
-                                           precision, self.stop_requested):
-                    self.events.emit("sample", step=step, path=str(path))
-            except Exception as exc:  # noqa: BLE001 - any sampling failure must not cost the training
-                self.warn(f"the validation sample at step {step} failed and was skipped: {failure_text(exc)}")
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+        with averaged_weights(self.optimizer):
+            if acc.is_main_process:
+                self._render_samples(step)
         acc.wait_for_everyone()
+
+    def _render_samples(self, step: int) -> None:
+        self.events.emit("sampling", step=step, prompts=len(self.cfg.sample.prompts))
+        denoiser = self._unwrapped()[DENOISER]
+        precision = weight_dtype(self.accelerator)
+        try:
+            for path in render_samples(self.cfg, self.family, self.components, denoiser, self.device, step,
+                                       precision, self.stop_requested):
+                self.events.emit("sample", step=step, path=str(path))
+        except Exception as exc:  # noqa: BLE001 - any sampling failure must not cost the training
+            self.warn(f"the validation sample at step {step} failed and was skipped: {failure_text(exc)}")
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def save_final(self) -> Path:
         acc = self.accelerator
         acc.wait_for_everyone()
         path = Path(self.cfg.output.lora_path)
-        if acc.is_main_process:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._write_lora(path, self.total_steps, overwrite=self.cfg.output.overwrite)
+        with averaged_weights(self.optimizer):
+            if acc.is_main_process:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._write_lora(path, self.total_steps, overwrite=self.cfg.output.overwrite)
         acc.wait_for_everyone()
         return path

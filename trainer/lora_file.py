@@ -310,9 +310,20 @@ def _kohya_epochs(
 
 
 def _optimizer_name(cfg: RunConfig) -> str:
+    """kohya's ss_optimizer: the class's full name and the arguments it was built with."""
     t = cfg.train
-    cls = {"adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit"}[t.optimizer]
-    args = f"weight_decay={t.weight_decay},betas=({t.adam_beta1}, {t.adam_beta2}),eps={t.adam_epsilon}"
+    adam = f"weight_decay={t.weight_decay},betas=({t.adam_beta1}, {t.adam_beta2}),eps={t.adam_epsilon}"
+    relative = t.lr_scheduler == "adafactor"
+    cls, args = {
+        "adamw": ("torch.optim.adamw.AdamW", adam),
+        "adamw8bit": ("bitsandbytes.optim.adamw.AdamW8bit", adam),
+        "prodigy": ("prodigyopt.prodigy.Prodigy", f"{adam},use_bias_correction=True"),
+        "adafactor": ("transformers.optimization.Adafactor",
+                      f"weight_decay={t.weight_decay},relative_step={relative},scale_parameter=False,"
+                      "warmup_init=False"),
+        "adamw_schedulefree": ("schedulefree.adamw_schedulefree.AdamWScheduleFree",
+                               f"{adam},warmup_steps={t.lr_warmup_steps}"),
+    }[t.optimizer]
     return f"{cls}({args})"
 
 
