@@ -42,6 +42,7 @@ EXPECTED_KEYS = set(
     ss_gradient_checkpointing ss_mixed_precision ss_max_grad_norm ss_noise_offset ss_min_snr_gamma ss_seed
     ss_steps ss_max_train_steps ss_clip_skip ss_v2 ss_zero_terminal_snr ss_epoch ss_num_epochs ss_num_batches_per_epoch
     ss_num_train_images ss_num_reg_images ss_resolution ss_enable_bucket ss_flip_aug ss_random_crop
+    ss_shuffle_caption ss_keep_tokens ss_caption_dropout_rate
     ss_tag_frequency ss_dataset_dirs ss_bucket_info ss_base_model_version ss_sd_model_name ss_sd_model_hash
     ss_new_sd_model_hash ss_output_name ss_training_started_at ss_training_finished_at sshs_model_hash
     sshs_legacy_hash modelspec.sai_model_spec modelspec.architecture modelspec.implementation modelspec.title

@@ -68,6 +68,13 @@ class DataConfig:
     bucketing: bool = True
     bucket_step: int = 64
     max_bucket_aspect: float = 2.0
+    # captions (trainer/captions.py): the trigger word goes first in every caption; dropout trains that share
+    # of the samples on the empty caption; shuffling reorders the comma-separated tags behind the first
+    # keep_tags (and the trigger word) at every step
+    trigger_word: str = ""
+    caption_dropout: float = 0.0
+    shuffle_tags: bool = False
+    keep_tags: int = 0
 
 
 @dataclass
@@ -230,6 +237,10 @@ def _range_problems(cfg: RunConfig) -> list[str]:
         (d.repeats < 1, "data.repeats: 1 or more"),
         (d.bucket_step < 8 or d.bucket_step % 8, "data.bucket_step: a multiple of 8"),
         (d.max_bucket_aspect < 1.0, "data.max_bucket_aspect: 1.0 or more"),
+        (not 0.0 <= d.caption_dropout < 1.0, "data.caption_dropout: in [0, 1)"),
+        (d.keep_tags < 0, "data.keep_tags: 0 or more"),
+        (d.keep_tags > 0 and not d.shuffle_tags, "data.keep_tags: only means something with shuffle_tags on"),
+        ("\n" in d.trigger_word or "\r" in d.trigger_word, "data.trigger_word: one line"),
         (lo.rank < 1, "lora.rank: 1 or more"),
         (lo.alpha <= 0, "lora.alpha: greater than 0"),
         (not 0.0 <= lo.dropout < 1.0, "lora.dropout: in [0, 1)"),

@@ -20,7 +20,7 @@ import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from .captions import with_trigger
 from .config import Crop, DataConfig
 
 MANIFEST_FORMAT = "lora-foundry-manifest"
@@ -357,7 +358,10 @@ def load_items(data: DataConfig) -> tuple[list[Item], list[str]]:
     if 0 < data.top_rows < len(items):
         warnings_.append(f"top_rows={data.top_rows}: using the first {data.top_rows} of {len(items)} images")
         items = items[: data.top_rows]
-    return items, warnings_ + _caption_warnings(items)
+    if not data.trigger_word.strip():
+        return items, warnings_ + _caption_warnings(items)
+    # a picture without a caption trains on the trigger word alone: nothing to warn about
+    return [replace(item, caption=with_trigger(item.caption, data.trigger_word)) for item in items], warnings_
 
 
 def open_image(path: str | Path) -> Image.Image:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .cache import FileHashes, TensorCache, fingerprint, sha256_file
+from .captions import encodes_every_step
 from .config import RunConfig
 from .data import Item, bucket_for, flip, open_image, prepare_framed
 from .families import Components, ModelFamily
@@ -23,9 +24,9 @@ class Encoded:
     latents_flipped: torch.Tensor | None
     framing: torch.Tensor  # (6,): original size, crop top-left, target size (data.Framing)
     framing_flipped: torch.Tensor | None
-    tokens: dict[str, torch.Tensor]  # text encoder prefix -> (tokens,)
-    text: dict[str, torch.Tensor] | None  # the family's prompt encoding, no batch dimension; None when a text
-    # encoder trains (the captions are then encoded every step)
+    caption: str  # as written (the trigger word included), before any per-step dropout or shuffle
+    text: dict[str, torch.Tensor] | None  # the caption's prompt encoding, no batch dimension; None when the
+    # captions are encoded every step (a text encoder trains, or the tags are shuffled)
 
 
 def model_digest(components: Components, cache_root: Path) -> str:
@@ -49,7 +50,7 @@ def encode_dataset(
     vae = components.vae
     scaling = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0  # FLUX's VAE centres its latents as well
-    encode_text = not family.trained_text_encoders(cfg.lora)
+    encode_text = not captions_encoded_every_step(cfg, family)
     encoded, hits = [], 0
     for index, item in enumerate(items):
         image = open_image(item.image)
@@ -69,21 +70,39 @@ def encode_dataset(
             latents_cache.put(key, cached)
         else:
             hits += 1
-        tokens = {prefix: ids[0] for prefix, ids in family.tokenize(components, [item.caption]).items()}
-        text = None
-        if encode_text:
-            text_key = fingerprint("text-v2", family.name, digest, {p: ids.tolist() for p, ids in tokens.items()})
-            text = text_cache.get(text_key)
-            if text is None:
-                encoders = {prefix: encoder.to(device) for prefix, encoder in components.text_encoders.items()}
-                with torch.no_grad():
-                    batch = family.encode_prompt(encoders, {p: ids[None].to(device) for p, ids in tokens.items()})
-                text_cache.put(text_key, {name: value[0] for name, value in batch.items()})
-                text = text_cache.get(text_key)  # as a later run reads it: fp32, on the CPU
+        text = _text_encoding(family, components, item.caption, device, digest, text_cache) if encode_text else None
         encoded.append(Encoded(cached["plain"], cached.get("flipped"), cached["framing"],
-                               cached.get("framing_flipped"), tokens, text))
+                               cached.get("framing_flipped"), item.caption, text))
         progress(index + 1, len(items), hits)
     return encoded
+
+
+def captions_encoded_every_step(cfg: RunConfig, family: ModelFamily) -> bool:
+    """A text encoder that trains, or captions whose tags are shuffled, need encoding at every step."""
+    return bool(family.trained_text_encoders(cfg.lora)) or encodes_every_step(cfg.data)
+
+
+def empty_caption_encoding(
+    cfg: RunConfig, family: ModelFamily, components: Components, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The encoding of the empty caption, which a dropped caption trains with (cached like any other)."""
+    digest = model_digest(components, cfg.cache_dir)
+    return _text_encoding(family, components, "", device, digest, TensorCache(cfg.cache_dir, "text"))
+
+
+def _text_encoding(family: ModelFamily, components: Components, caption: str, device: torch.device,
+                   digest: str, text_cache: TensorCache) -> dict[str, torch.Tensor]:
+    """One caption's prompt encoding, from the cache or encoded now and added to it."""
+    tokens = {prefix: ids[0] for prefix, ids in family.tokenize(components, [caption]).items()}
+    text_key = fingerprint("text-v2", family.name, digest, {p: ids.tolist() for p, ids in tokens.items()})
+    text = text_cache.get(text_key)
+    if text is None:
+        encoders = {prefix: encoder.to(device) for prefix, encoder in components.text_encoders.items()}
+        with torch.no_grad():
+            batch = family.encode_prompt(encoders, {p: ids[None].to(device) for p, ids in tokens.items()})
+        text_cache.put(text_key, {name: value[0] for name, value in batch.items()})
+        text = text_cache.get(text_key)  # as a later run reads it: fp32, on the CPU
+    return text
 
 
 def _encode_images(vae: torch.nn.Module, variants: dict[str, torch.Tensor], device: torch.device) -> dict:

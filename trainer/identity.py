@@ -17,7 +17,7 @@ from pathlib import Path
 from .cache import fingerprint
 from .config import RunConfig
 
-LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
+LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup", "adafactor")  # adafactor: 1/sqrt(step), no length
 _NEUTRAL = {
     "model": ("tokenizer_dir",),
     "data": ("manifest", "folder"),
@@ -30,6 +30,7 @@ _NEUTRAL = {
 # they existed keeps its identity (and its LoRA stays this run's own)
 _LATER_DEFAULTS = {
     "model": {"zero_terminal_snr": False, "text_encoders": [], "vae": None},
+    "data": {"trigger_word": "", "caption_dropout": 0.0, "shuffle_tags": False, "keep_tags": 0},
     "lora": {"train_text_encoder_2": False},
     "train": {"text_encoder_2_learning_rate": None, "timestep_sampling": "auto", "logit_mean": 0.0,
               "logit_std": 1.0, "timestep_shift": 0.0, "guidance": 1.0, "base_quantization": "none"},

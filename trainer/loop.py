@@ -20,9 +20,10 @@ from peft import inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
+from .captions import caption_at
 from .config import RunConfig
 from .data import check_images, load_items
-from .encode import Encoded, encode_dataset
+from .encode import Encoded, captions_encoded_every_step, empty_caption_encoding, encode_dataset
 from .events import EventLog
 from .families import DENOISER, Components, ModelFamily, Objective, family_for
 from .lora_file import base_model_hashes, count_tags, dataset_name, kohya_state_dict, lora_metadata, save_lora_file
@@ -172,10 +173,17 @@ def denoising_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tens
 
 
 def assemble_batch(
-    cfg: RunConfig, encoded: list[Encoded], slots: list[Slot], epoch: int, objective: Objective
+    cfg: RunConfig,
+    encoded: list[Encoded],
+    slots: list[Slot],
+    epoch: int,
+    objective: Objective,
+    empty_text: dict[str, torch.Tensor] | None,
 ) -> dict[str, Any]:
-    """Stack latents / framing / text for the slots, with each slot's own seeded noise, timestep and flip."""
-    latents, noise, steps, framing, texts, tokens = [], [], [], [], [], []
+    """Stack latents / framing / text for the slots, with each slot's own seeded noise, timestep, flip and
+    caption. The text comes from the cache (a dropped caption: `empty_text`) unless the captions are encoded
+    every step; then the batch carries its captions instead."""
+    latents, noise, steps, framing, captions, texts = [], [], [], [], [], []
     for slot in slots:
         sample = encoded[slot.item]
         shape = tuple(sample.latents.shape)
@@ -185,15 +193,16 @@ def assemble_batch(
         framing.append(sample.framing_flipped if use_flip else sample.framing)
         noise.append(d.noise)
         steps.append(d.timestep)
-        tokens.append(sample.tokens)
+        caption = caption_at(sample.caption, cfg.data, cfg.train.seed, epoch, slot.slot)
+        captions.append(caption)
         if sample.text is not None:
-            texts.append(sample.text)
+            texts.append(sample.text if caption == sample.caption else empty_text)
     batch: dict[str, Any] = {
         "latents": torch.stack(latents),
         "noise": torch.stack(noise),
         "timesteps": objective.timesteps(torch.tensor(steps), tuple(latents[0].shape)),  # one bucket a batch
         "framing": torch.stack(framing),
-        "tokens": {prefix: torch.stack([t[prefix] for t in tokens]) for prefix in tokens[0]},
+        "captions": captions,
     }
     if texts:
         batch["text"] = {name: torch.stack([t[name] for t in texts]) for name in texts[0]}
@@ -258,6 +267,9 @@ class Trainer:
         self.components.denoiser.to(self.device)
         with acc.main_process_first():  # the main process fills the disk cache, the others read it
             self.encoded = encode_dataset(cfg, self.family, self.components, self.items, self.device, self._cached)
+            self.empty_text = None
+            if cfg.data.caption_dropout and not captions_encoded_every_step(cfg, self.family):
+                self.empty_text = empty_caption_encoding(cfg, self.family, self.components, self.device)
         self._truncation_warning()
         self._free_encoders()
         buckets = [tuple(e.latents.shape[-2:]) for e in self.encoded]
@@ -306,10 +318,10 @@ class Trainer:
         c = self.components
         away = "cpu" if self.cfg.sample.prompts else "meta"
         c.vae.to(away)
-        trained = self.family.trained_text_encoders(self.cfg.lora)
+        every_step = captions_encoded_every_step(self.cfg, self.family)
         for encoder in c.text_encoders.values():
-            # with a text encoder training, captions are encoded every step: the frozen one is needed too
-            encoder.to(self.device if trained else away)
+            # captions encoded every step (a text encoder training, shuffled tags) need the frozen ones too
+            encoder.to(self.device if every_step else away)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -356,7 +368,7 @@ class Trainer:
                 if epoch not in batches_cache:
                     batches_cache = {epoch: self.plan.batches(epoch)}
                 slots = batches_cache[epoch][index][rank * local : (rank + 1) * local]
-                batch = assemble_batch(cfg, self.encoded, slots, epoch, objective)
+                batch = assemble_batch(cfg, self.encoded, slots, epoch, objective, self.empty_text)
                 latents, noise = batch["latents"].to(self.device), batch["noise"].to(self.device)
                 timesteps = batch["timesteps"].to(self.device)
                 noisy = objective.noisy(latents, noise, timesteps)
@@ -419,8 +431,8 @@ class Trainer:
             return {name: value.to(self.device) for name, value in batch["text"].items()}
         encoders = {prefix: self.models.get(prefix, encoder) for prefix, encoder in
                     self.components.text_encoders.items()}
-        tokens = {prefix: ids.to(self.device) for prefix, ids in batch["tokens"].items()}
-        return self.family.encode_prompt(encoders, tokens)
+        tokens = self.family.tokenize(self.components, batch["captions"])
+        return self.family.encode_prompt(encoders, {prefix: ids.to(self.device) for prefix, ids in tokens.items()})
 
     # ---- outputs ---------------------------------------------------------------------------------
     def _unwrapped(self) -> dict[str, torch.nn.Module]:

@@ -342,6 +342,9 @@ def _kohya_dataset(
         "ss_enable_bucket": d.bucketing,
         "ss_flip_aug": d.random_flip,
         "ss_random_crop": d.crop == "random",
+        "ss_shuffle_caption": d.shuffle_tags,
+        "ss_keep_tokens": d.keep_tags + (1 if d.trigger_word.strip() else 0),  # kohya counts the trigger word
+        "ss_caption_dropout_rate": d.caption_dropout,
         "ss_tag_frequency": json.dumps(tag_frequency, ensure_ascii=False),
         # kohya's {image dir name: {"n_repeats", "img_count"}}; img_count does not count repeats
         "ss_dataset_dirs": json.dumps(
