@@ -39,6 +39,7 @@ MANIFEST_VERSION = 1
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 IMAGE_COLUMNS = ("file_name", "image", "file", "path", "filename")
+MASK_SUFFIX = "_mask"  # NAME_mask.png beside NAME.jpg is NAME's loss mask
 CAPTION_COLUMNS = ("text", "caption", "prompt", "captions", "description")
 
 # Our own limit, checked on the header before decoding. It is above Pillow's warning threshold (~89 MP)
@@ -60,6 +61,7 @@ class DataError(ValueError):
 class Item:
     image: str  # absolute path
     caption: str
+    mask: str | None = None  # absolute path of the picture's loss mask (white trains, black is ignored)
 
 
 # ---------------------------------------------------------------------------------------------- manifest
@@ -68,13 +70,14 @@ class Item:
 def write_manifest(items: Iterable[Item], path: str | Path) -> None:
     """Write items as a manifest, atomically, so a reader never sees half a file."""
     items = list(items)
-    relative = [item.image for item in items if not os.path.isabs(item.image)]
+    relative = [path for item in items for path in (item.image, item.mask) if path and not os.path.isabs(path)]
     if relative:
         raise DataError([f"manifest image paths must be absolute: {p}" for p in relative])
     document = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
-        "items": [{"image": item.image, "caption": item.caption} for item in items],
+        "items": [{"image": item.image, "caption": item.caption} | ({"mask": item.mask} if item.mask else {})
+                  for item in items],
     }
     _write_text_atomic(Path(path), json.dumps(document, ensure_ascii=False, indent=2) + "\n")
 
@@ -146,7 +149,7 @@ def _manifest_items(rows: list[Any], path: str | Path) -> tuple[list[Item], list
         if row_problems:
             problems += row_problems
         else:
-            items.append(Item(image=row["image"], caption=row["caption"]))
+            items.append(Item(image=row["image"], caption=row["caption"], mask=row.get("mask")))
     return items, problems
 
 
@@ -157,9 +160,12 @@ def _manifest_row_problems(row: dict[str, Any], where: str) -> list[str]:
             problems.append(f"{where}: missing field {key!r}")
         elif not isinstance(row[key], str):
             problems.append(f"{where}.{key}: expected a string, got {row[key]!r}")
-    image = row.get("image")
-    if isinstance(image, str) and not os.path.isabs(image):
-        problems.append(f"{where}.image: must be an absolute path, got {image!r}")
+    for key in ("image", "mask"):
+        path = row.get(key)
+        if key == "mask" and path is not None and not isinstance(path, str):
+            problems.append(f"{where}.mask: expected a string, got {path!r}")
+        elif isinstance(path, str) and not os.path.isabs(path):
+            problems.append(f"{where}.{key}: must be an absolute path, got {path!r}")
     return problems
 
 
@@ -173,7 +179,7 @@ def scan_folder(folder: Path) -> tuple[list[Item], list[str]]:
 
 
 def _scan_folder(folder: Path) -> tuple[list[Item], list[str]]:
-    images = _list_images(folder)
+    images, masks = _split_masks(_list_images(folder))
     metadata = [folder / name for name in METADATA_FILES if (folder / name).is_file()]
     if len(metadata) > 1:
         raise DataError([f"{folder}: has both metadata.jsonl and metadata.csv; keep one"])
@@ -181,8 +187,23 @@ def _scan_folder(folder: Path) -> tuple[list[Item], list[str]]:
         captions = _captions_from_metadata(metadata[0], folder, images)
     else:
         captions = _captions_from_txt(folder, images)
-    items = [Item(image=str(path), caption=captions.get(path, "")) for path in images]
+    items = [Item(image=str(path), caption=captions.get(path, ""), mask=_optional_str(masks.get(path)))
+             for path in images]
     return items, _duplicate_stem_warnings(images)
+
+
+def _split_masks(files: list[Path]) -> tuple[list[Path], dict[Path, Path]]:
+    """The pictures, and each one's mask: NAME_mask.<image type> beside NAME.<image type> is NAME's loss mask,
+    not a training picture."""
+    by_stem = {p.stem: p for p in files}
+    masks = {by_stem[p.stem[: -len(MASK_SUFFIX)]]: p for p in files
+             if p.stem.endswith(MASK_SUFFIX) and p.stem[: -len(MASK_SUFFIX)] in by_stem}
+    mask_files = set(masks.values())
+    return [p for p in files if p not in mask_files], masks
+
+
+def _optional_str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def _list_images(folder: Path) -> list[Path]:
@@ -432,16 +453,58 @@ def _over_white(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, image).convert("RGB")
 
 
+def open_mask(path: str | Path) -> Image.Image:
+    """A loss mask, upright, as 8-bit grey (white: trains, black: ignored); DataError naming the file if
+    unusable."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as mask:
+                _check_size(path, *mask.size)
+                mask.load()
+                upright = ImageOps.exif_transpose(mask)
+                return _sixteen_bit_to_l(upright) if upright.mode.startswith("I") else upright.convert("L")
+    except DataError:
+        raise
+    except Exception as exc:  # as open_image: any decoder failure means an unusable file
+        raise DataError([f"{path}: {_describe_failure(path, exc)}"]) from exc
+
+
+def open_masked(item: Item) -> Image.Image:
+    """The item's picture with its masked-out pixels (mask 0) made mid-grey before any resizing, so nothing
+    of them reaches the VAE: what lies under a black mask cannot change the LoRA."""
+    image = open_image(item.image)
+    if item.mask is None:
+        return image
+    grey = Image.new("RGB", image.size, (128, 128, 128))
+    keep = open_mask(item.mask).point(lambda value: 255 if value else 0)
+    return Image.composite(image, grey, keep)
+
+
 def check_images(items: Iterable[Item]) -> None:
-    """Open every image; raise one DataError listing every unusable file and why."""
+    """Open every image and mask; raise one DataError listing every unusable file and why."""
     problems = []
     for item in items:
         try:
-            open_image(item.image).close()
+            with open_image(item.image) as image:
+                size = image.size
+            if item.mask is not None:
+                problems += _mask_problems(item.mask, size)
         except DataError as exc:
             problems += exc.problems
     if problems:
         raise DataError(problems)
+
+
+def _mask_problems(path: str, picture_size: tuple[int, int]) -> list[str]:
+    with open_mask(path) as mask:
+        if mask.size != picture_size:
+            return [f"{path}: the mask is {mask.size[0]}x{mask.size[1]}, its picture "
+                    f"{picture_size[0]}x{picture_size[1]}; a mask must match its picture's size"]
+        if mask.getextrema()[1] == 0:
+            return [f"{path}: the mask is black everywhere, so nothing of its picture would train"]
+    return []
 
 
 # ----------------------------------------------------------------------------------------------- buckets
@@ -565,6 +628,15 @@ def _crop_offsets(spare_h: int, spare_w: int, crop: Crop, rng: random.Random | N
     if rng is None:
         raise ValueError("a random crop needs an rng")
     return rng.randint(0, spare_h), rng.randint(0, spare_w)
+
+
+def prepare_mask(mask: Image.Image, framing: Framing, latent_size: tuple[int, int]) -> torch.Tensor:
+    """The mask as the loss weights of the picture's latents, (1, h, w) in [0, 1]: resized and cropped exactly
+    as its picture was (`framing`), then averaged over each latent's pixels."""
+    (bucket_h, bucket_w), (top, left) = framing.target, framing.crop_top_left
+    pixels = F.crop(_resize_to_cover(F.to_image(mask), bucket_w, bucket_h), top, left, bucket_h, bucket_w)
+    weights = F.to_dtype(pixels, torch.float32, scale=True).as_subclass(torch.Tensor)
+    return torch.nn.functional.interpolate(weights[None], size=latent_size, mode="area")[0].contiguous()
 
 
 def flip(tensor: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from .cache import FileHashes, TensorCache, fingerprint, sha256_file
 from .captions import encodes_every_step
 from .config import RunConfig
-from .data import Item, bucket_for, flip, open_image, prepare_framed
+from .data import Framing, Item, bucket_for, flip, open_mask, open_masked, prepare_framed, prepare_mask
 from .families import Components, ModelFamily
 from .schedule import derive_seed
 
@@ -24,6 +24,8 @@ class Encoded:
     latents_flipped: torch.Tensor | None
     framing: torch.Tensor  # (6,): original size, crop top-left, target size (data.Framing)
     framing_flipped: torch.Tensor | None
+    mask: torch.Tensor | None  # (1, h, w) loss weights from the picture's mask; None: every latent counts
+    mask_flipped: torch.Tensor | None
     caption: str  # as written (the trigger word included), before any per-step dropout or shuffle
     text: dict[str, torch.Tensor] | None  # the caption's prompt encoding, no batch dimension; None when the
     # captions are encoded every step (a text encoder trains, or the tags are shuffled)
@@ -53,11 +55,14 @@ def encode_dataset(
     encode_text = not captions_encoded_every_step(cfg, family)
     encoded, hits = [], 0
     for index, item in enumerate(items):
-        image = open_image(item.image)
+        image = open_masked(item)
         bucket = bucket_for(image.width, image.height, data)
         image_digest = sha256_file(item.image)
         crop_rng = random.Random(derive_seed(cfg.train.seed, int(image_digest[:15], 16)))
-        key = fingerprint("latents-v2", digest, image_digest, bucket, data.crop, data.random_flip, cfg.train.seed)
+        key_parts = [digest, image_digest, bucket, data.crop, data.random_flip, cfg.train.seed]
+        if item.mask is not None:  # the mask greys pixels out and weights the loss: part of the key
+            key_parts.append(sha256_file(item.mask))
+        key = fingerprint("latents-v2", *key_parts)
         cached = latents_cache.get(key)
         if cached is None:
             pixels, framing = prepare_framed(image, bucket, data.crop, crop_rng if data.crop == "random" else None)
@@ -67,14 +72,22 @@ def encode_dataset(
             cached["framing"] = framing.as_tensor()
             if data.random_flip:
                 cached["framing_flipped"] = framing.flipped().as_tensor()
+            if item.mask is not None:
+                cached |= _mask_weights(item.mask, framing, tuple(cached["plain"].shape[-2:]), data.random_flip)
             latents_cache.put(key, cached)
         else:
             hits += 1
         text = _text_encoding(family, components, item.caption, device, digest, text_cache) if encode_text else None
         encoded.append(Encoded(cached["plain"], cached.get("flipped"), cached["framing"],
-                               cached.get("framing_flipped"), item.caption, text))
+                               cached.get("framing_flipped"), cached.get("mask"), cached.get("mask_flipped"),
+                               item.caption, text))
         progress(index + 1, len(items), hits)
     return encoded
+
+
+def _mask_weights(path: str, framing: Framing, latent_size: tuple[int, int], flipped: bool) -> dict:
+    weights = prepare_mask(open_mask(path), framing, latent_size)
+    return {"mask": weights} | ({"mask_flipped": flip(weights)} if flipped else {})
 
 
 def captions_encoded_every_step(cfg: RunConfig, family: ModelFamily) -> bool:

@@ -165,8 +165,18 @@ def total_steps(cfg: RunConfig, plan: EpochPlan) -> int:
     return math.ceil(t.epochs * plan.batches_per_epoch / t.gradient_accumulation_steps)
 
 
-def denoising_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.dim())))
+def denoising_loss(
+    pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The mean squared error per sample, over the latents its mask keeps (`mask` (batch, 1, h, w): a masked
+    sample's error is averaged with the mask's weights, so a small mask trains as strongly as a whole picture),
+    times the per-sample `weights`, averaged over the batch."""
+    squared = F.mse_loss(pred.float(), target.float(), reduction="none")
+    dims = tuple(range(1, pred.dim()))
+    if mask is None:
+        per_sample = squared.mean(dim=dims)
+    else:
+        per_sample = (squared * mask).mean(dim=dims) / mask.mean(dim=dims)
     if weights is not None:
         per_sample = per_sample * weights
     return per_sample.mean()
@@ -183,7 +193,7 @@ def assemble_batch(
     """Stack latents / framing / text for the slots, with each slot's own seeded noise, timestep, flip and
     caption. The text comes from the cache (a dropped caption: `empty_text`) unless the captions are encoded
     every step; then the batch carries its captions instead."""
-    latents, noise, steps, framing, captions, texts = [], [], [], [], [], []
+    latents, noise, steps, framing, masks, captions, texts = [], [], [], [], [], [], []
     for slot in slots:
         sample = encoded[slot.item]
         shape = tuple(sample.latents.shape)
@@ -191,6 +201,7 @@ def assemble_batch(
         use_flip = d.flip and sample.latents_flipped is not None
         latents.append(sample.latents_flipped if use_flip else sample.latents)
         framing.append(sample.framing_flipped if use_flip else sample.framing)
+        masks.append(sample.mask_flipped if use_flip else sample.mask)
         noise.append(d.noise)
         steps.append(d.timestep)
         caption = caption_at(sample.caption, cfg.data, cfg.train.seed, epoch, slot.slot)
@@ -204,6 +215,9 @@ def assemble_batch(
         "framing": torch.stack(framing),
         "captions": captions,
     }
+    if any(mask is not None for mask in masks):  # a picture without a mask counts everywhere
+        ones = torch.ones_like(latents[0][:1])
+        batch["mask"] = torch.stack([ones if mask is None else mask for mask in masks])
     if texts:
         batch["text"] = {name: torch.stack([t[name] for t in texts]) for name in texts[0]}
     return batch
@@ -292,6 +306,7 @@ class Trainer:
             total_steps=self.total_steps,
             start_step=self.start_step,
             images=len(self.items),
+            masked_images=sum(item.mask is not None for item in self.items),
             buckets={f"{w * 8}x{h * 8}": n for (h, w), n in sorted(Counter(buckets).items())},
             batches_per_epoch=self.plan.batches_per_epoch,
             processes=acc.num_processes,
@@ -380,7 +395,8 @@ class Trainer:
                             stack.enter_context(acc.no_sync(model))
                     text = self._text(batch)
                     pred = self.family.predict(self.models[DENOISER], noisy, timesteps, text, batch["framing"])
-                    loss = denoising_loss(pred, target, objective.loss_weights(timesteps, t.min_snr_gamma))
+                    mask = batch["mask"].to(self.device) if "mask" in batch else None
+                    loss = denoising_loss(pred, target, objective.loss_weights(timesteps, t.min_snr_gamma), mask)
                     acc.backward(loss / accum)
                 losses.append(loss.detach())
             grad_norm = acc.clip_grad_norm_(self.params, t.max_grad_norm) if t.max_grad_norm else None
