@@ -12,12 +12,13 @@ import torch
 from comfy_api.latest import io
 
 from ..trainer.cache import fingerprint, sha256_file
-from ..trainer.data import DataError, Item, check_images, open_image, scan_folder, write_manifest
+from ..trainer.config import DataConfig
+from ..trainer.data import MASK_SUFFIX, DataError, Item, check_images, open_image, scan_folder, write_manifest
 from ..trainer.families import family_resolutions
 from . import paths
 from .api_features import advanced
 from .hub import export_cached_dataset
-from .images import labelled_grid, to_image_batch, to_pil
+from .images import labelled_grid, mask_to_pil, to_image_batch, to_pil
 
 Dataset = io.Custom("LORA_FOUNDRY_DATASET")
 SOURCES = ["folder", "hub_cache", "images"]
@@ -84,7 +85,8 @@ class FileDigests:
 def content_key(items: list[Item], settings: dict, digests: FileDigests) -> str:
     """sha256 over every picture's bytes and caption, in order, and the settings. Paths and times are left
     out, so the same pictures give the same key wherever they live, and a replaced picture a new one."""
-    pictures = [[digests.digest(item.image), item.caption] for item in items]
+    pictures = [[digests.digest(item.image), item.caption] + ([digests.digest(item.mask)] if item.mask else [])
+                for item in items]
     return fingerprint(CONTENT_VERSION, pictures, settings)
 
 
@@ -133,21 +135,45 @@ def pictures_digest(pictures: list[torch.Tensor], captions: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def items_from_images(batches: list[torch.Tensor | None], captions: list[str]) -> tuple[list[Item], str]:
-    """Write the pictures as PNGs into the pack's datasets folder (content-named, so reruns reuse them)."""
+def masks_for_pictures(pictures: list[torch.Tensor], mask_batches: list[torch.Tensor | None] | None
+                       ) -> list[torch.Tensor | None]:
+    """One [H, W] mask per picture from MASK batches aligned with the IMAGE batches (none: no masks); a mask
+    must have its picture's size."""
+    masks = pictures_of(mask_batches or [])
+    if not masks:
+        return [None] * len(pictures)
+    if len(masks) != len(pictures):
+        raise ValueError(f"masks: {len(masks)} masks for {len(pictures)} images; give one mask per image")
+    wrong = [f"{i} ({m.shape[-1]}x{m.shape[-2]} for {p.shape[1]}x{p.shape[0]})"
+             for i, (p, m) in enumerate(zip(pictures, masks, strict=True)) if tuple(m.shape[-2:]) != tuple(p.shape[:2])]
+    if wrong:
+        raise ValueError(f"masks: a mask must be its picture's size; not so for picture {', '.join(wrong)}")
+    return masks
+
+
+def items_from_images(batches: list[torch.Tensor | None], captions: list[str],
+                      mask_batches: list[torch.Tensor | None] | None = None) -> tuple[list[Item], str]:
+    """Write the pictures (and their masks, as NAME_mask.png) as PNGs into the pack's datasets folder
+    (content-named, so reruns reuse them)."""
     pictures = pictures_of(batches)
     if not pictures:
         raise ValueError("source 'images': the images input holds no pictures")
     texts = captions_for_pictures(len(pictures), captions)
-    digest = pictures_digest(pictures, texts)
+    masks = masks_for_pictures(pictures, mask_batches)
+    digest = pictures_digest(pictures + [m for m in masks if m is not None], texts)
     folder = paths.datasets_dir() / f"images-{digest}"
     folder.mkdir(parents=True, exist_ok=True)
     items = []
-    for index, (image, caption) in enumerate(zip(pictures, texts, strict=True)):
+    for index, (image, caption, mask) in enumerate(zip(pictures, texts, masks, strict=True)):
         path = folder / f"{index:04d}.png"
         if not path.exists():
             to_pil(image).save(path)
-        items.append(Item(str(path), caption))
+        mask_path = None
+        if mask is not None:
+            mask_path = folder / f"{index:04d}{MASK_SUFFIX}.png"
+            if not mask_path.exists():
+                mask_to_pil(mask).save(mask_path)
+        items.append(Item(str(path), caption, None if mask_path is None else str(mask_path)))
     return items, f"images-{digest}"
 
 
@@ -159,7 +185,8 @@ def preview(items: list[Item]) -> object:
 
 
 def gather_items(source: str, folder: str, hub_dataset: str, captions: list[str],
-                 images: list[torch.Tensor | None] | None) -> tuple[list[Item], str, list[str]]:
+                 images: list[torch.Tensor | None] | None, masks: list[torch.Tensor | None] | None = None,
+                 ) -> tuple[list[Item], str, list[str]]:
     """The pictures and captions of the chosen source, its name, and warnings about it."""
     if source == "folder":
         resolved = paths.resolve_dataset_folder(folder)
@@ -171,9 +198,21 @@ def gather_items(source: str, folder: str, hub_dataset: str, captions: list[str]
         items, name = export_cached_dataset(hub_dataset.strip(), paths.datasets_dir())
         return items, name, []
     if images:
-        items, name = items_from_images(images, captions)
+        items, name = items_from_images(images, captions, masks)
         return items, name, []
     raise ValueError("source 'images' needs the images input connected")
+
+
+def caption_settings(trigger_word: str, caption_dropout: float, shuffle_tags: bool, keep_tags: int) -> dict:
+    """The caption settings that differ from the defaults (so a dataset without them keeps its content key),
+    checked as the trainer's config checks them."""
+    if "\n" in trigger_word or "\r" in trigger_word:
+        raise ValueError("trigger_word: one line")
+    if keep_tags and not shuffle_tags:
+        raise ValueError("keep_tags: only means something with shuffle_tags on")
+    chosen = {"trigger_word": trigger_word.strip(), "caption_dropout": caption_dropout, "shuffle_tags": shuffle_tags,
+              "keep_tags": keep_tags}
+    return {key: value for key, value in chosen.items() if value != getattr(DataConfig, key)}
 
 
 def dataset_value(items: list[Item], name: str, settings: dict, warnings: list[str]) -> dict:
@@ -275,6 +314,46 @@ class LoraFoundryDataset(io.ComfyNode):
                     tooltip="For source 'images': the training pictures, as a batch or a list of pictures of "
                     "any sizes",
                 ),
+                io.String.Input(
+                    "trigger_word",
+                    default="",
+                    optional=True,
+                    tooltip="Put first in every caption (and kept first when tags are shuffled); empty: none",
+                ),
+                io.Float.Input(
+                    "caption_dropout",
+                    default=0.0,
+                    min=0.0,
+                    max=0.99,
+                    step=0.01,
+                    optional=True,
+                    tooltip="Share of the samples trained with an empty caption (the LoRA then also works "
+                    "without its words)",
+                    **advanced(),
+                ),
+                io.Boolean.Input(
+                    "shuffle_tags",
+                    default=False,
+                    optional=True,
+                    tooltip="Shuffle each caption's comma-separated tags at every step (captions are then "
+                    "encoded every step instead of cached)",
+                    **advanced(),
+                ),
+                io.Int.Input(
+                    "keep_tags",
+                    default=0,
+                    min=0,
+                    max=255,
+                    optional=True,
+                    tooltip="Leading tags that stay in place when shuffling (the trigger word always does)",
+                    **advanced(),
+                ),
+                io.Mask.Input(
+                    "masks",
+                    optional=True,
+                    tooltip="For source 'images': one loss mask per picture (white trains, black is ignored), "
+                    "e.g. from a segmentation node. A folder uses NAME_mask.png beside NAME.png",
+                ),
             ],
             outputs=[
                 Dataset.Output(display_name="dataset"),
@@ -297,8 +376,12 @@ class LoraFoundryDataset(io.ComfyNode):
         cls, source: list[str], folder: list[str], hub_dataset: list[str], captions: list[str],
         resolution: list[int], crop: list[str], random_flip: list[bool], bucketing: list[bool],
         top_rows: list[int], repeats: list[int], images: list[torch.Tensor | None] | None = None,
+        trigger_word: list[str] | None = None, caption_dropout: list[float] | None = None,
+        shuffle_tags: list[bool] | None = None, keep_tags: list[int] | None = None,
+        masks: list[torch.Tensor | None] | None = None,
     ) -> io.NodeOutput:
-        items, name, warnings = gather_items(first(source), first(folder), first(hub_dataset), captions, images)
+        items, name, warnings = gather_items(first(source), first(folder), first(hub_dataset), captions, images,
+                                             masks)
         if first(top_rows):
             items = items[: first(top_rows)]
         try:
@@ -307,4 +390,6 @@ class LoraFoundryDataset(io.ComfyNode):
             raise ValueError(str(error)) from None
         settings = {"resolution": first(resolution), "crop": first(crop), "random_flip": first(random_flip),
                     "bucketing": first(bucketing), "top_rows": 0, "repeats": first(repeats)}
+        settings |= caption_settings(first(trigger_word) or "", first(caption_dropout) or 0.0,
+                                     bool(first(shuffle_tags)), first(keep_tags) or 0)
         return io.NodeOutput(dataset_value(items, name, settings, warnings), preview(items), len(items))

@@ -25,6 +25,12 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array[..., :3])
 
 
+def mask_to_pil(mask: torch.Tensor) -> Image.Image:
+    """One ComfyUI MASK (H, W floats in [0, 1]) to 8-bit grey."""
+    array = (mask.detach().cpu().float().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array, mode="L")
+
+
 def to_image_batch(images: list[Image.Image]) -> torch.Tensor:
     """RGB pictures of one size to a ComfyUI IMAGE batch (B, H, W, 3)."""
     arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]

@@ -88,6 +88,21 @@ def test_images_from_the_graph_become_a_dataset(comfy_server) -> None:
     assert all(Image.open(item["image"]).getpixel((5, 5)) == (255, 0, 0) for item in manifest["items"])
 
 
+def test_masks_from_the_graph_must_match_their_pictures(comfy_server) -> None:
+    prompt = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0xFF0000}},
+        "2": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32, "height": 64}},
+        "3": {"class_type": "LoraFoundryDataset", "inputs": {
+            "source": "images", "folder": comfy_server.dataset_dir.name, "hub_dataset": "", "captions": "a red square",
+            "resolution": 64, "crop": "center", "random_flip": False, "bucketing": True, "top_rows": 0, "repeats": 1,
+            "images": ["1", 0], "masks": ["2", 0]}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 1]}},
+    }
+    with pytest.raises(ComfyError) as info:
+        comfy_server.run(prompt, timeout=120)
+    assert "1 masks for 2 images" in str(info.value.details)
+
+
 def test_hub_dataset_missing_from_cache_names_the_cache(comfy_server) -> None:
     with pytest.raises(ComfyError) as info:
         comfy_server.run(dataset_prompt(comfy_server.dataset_dir.name, source="hub_cache",

@@ -122,3 +122,28 @@ def test_two_train_prompts_back_to_back_both_finish(comfy_server) -> None:
     assert all(p.is_file() for p in loras)
     folders = {train_ui(entry)["run_dir"][0] for entry in entries}
     assert len(folders) == 2
+
+
+def test_masked_example_trains_on_masks_drawn_by_comfyui_nodes(comfy_server) -> None:
+    """masked_train: ComfyUI's mask nodes mark each sample picture's shape; the trainer gets one mask per
+    picture, white on the shape and black on the background."""
+    ckpt = comfy_server.checkpoint_name
+    prompt = api_workflow("masked_train", [
+        f"8.folder={comfy_server.dataset_dir.name}", f"3.base_model={ckpt}", "3.output_name=e2e-masked",
+        "1.resolution=64", "3.max_steps=2", "3.batch_size=2", "3.device=cpu", "3.mixed_precision=no",
+        "3.sample_every_steps=0", "3.validation_prompts=", "3.overwrite=true",
+        "1.trigger_word=zxq", "1.caption_dropout=0.25", "1.shuffle_tags=true", "1.keep_tags=1",
+    ])
+    entry = comfy_server.run(prompt, timeout=900)
+    assert Path(train_ui(entry)["lora_path"][0]).is_file()
+    (run_dir,) = [d for d in run_dirs(comfy_server) if d.name.startswith("e2e-masked-")]
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    start = next(e for e in events if e["type"] == "start")
+    assert start["images"] == start["masked_images"] == 8
+    config = json.loads((run_dir / "config.json").read_text())
+    assert {k: config["data"][k] for k in ("trigger_word", "caption_dropout", "shuffle_tags", "keep_tags")} == {
+        "trigger_word": "zxq", "caption_dropout": 0.25, "shuffle_tags": True, "keep_tags": 1}
+    items = json.loads(Path(config["data"]["manifest"]).read_text())["items"]
+    for item in items:
+        mask = np.asarray(Image.open(item["mask"]))
+        assert mask[2, 2] == 0 and mask[64, 64] == 255  # the background corner is ignored, the shape trains
