@@ -63,9 +63,9 @@ def patched_deltas(comfy, applied) -> dict[str, torch.Tensor]:
 
 def lora_report(applied, path: str) -> dict:
     """What ComfyUI logged and which of the file's modules its key map knows (diffusers-style names hold dots:
-    a module's name is its key less the tensor's own part)."""
-    names = sorted({key.removesuffix(".alpha") if key.endswith(".alpha") else key.rsplit(".", 2)[0]
-                    for key in load_file(path)})
+    a module's name is its key less the tensor's own part: `lora_A.weight`, or one word such as `alpha`,
+    `dora_scale`, `hada_w1_a`, `lokr_w1`)."""
+    names = sorted({key.rsplit(".", 2 if key.endswith(".weight") else 1)[0] for key in load_file(path)})
     return {"warnings": applied.warnings, "unconsumed": unconsumed(applied.warnings), "names": names,
             "mapped": [name for name in names if name in applied.key_map]}
 

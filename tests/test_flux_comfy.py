@@ -1,7 +1,8 @@
 """ComfyUI's own FLUX code on the tiny FLUX.1 (tests/comfy_flux_probe.py, a subprocess in ComfyUI's folder):
 ComfyUI's FLUX model holding the tiny file predicts what the trainer's converted model predicts, and
-ComfyUI's LoraLoader uses every tensor of our LoRA files and applies the delta peft trained (< 1e-5), on
-every target preset, CLIP-L included. Runs on each ComfyUI the suite is run against (marker comfy_code)."""
+ComfyUI's LoraLoader uses every tensor of our files and applies the delta peft trained (< 1e-5), on every
+target preset, CLIP-L included, for LoRA, LoHa, LoKr (factors whole and split) and DoRA. Runs on each ComfyUI
+the suite is run against (marker comfy_code)."""
 
 from __future__ import annotations
 
@@ -13,44 +14,48 @@ from pathlib import Path
 
 import pytest
 import torch
+from adapter_cases import ADAPTERS, merged_deltas, randomize
 from safetensors.torch import load_file, save_file
-from test_flux import lora_modules
 from tiny_model import FLUX_HEAD, FLUX_TEXT_DIMS, bfl_tensors
 
 from trainer.config import LoraConfig, ModelConfig, RunConfig
 from trainer.families import family_for
 from trainer.loop import add_lora, trained_parts
-from trainer.lora_file import kohya_state_dict, lora_layers
+from trainer.lora_file import kohya_state_dict
 
 pytestmark = pytest.mark.comfy_code
 PROBE = Path(__file__).absolute().parent / "comfy_flux_probe.py"
-CASES = {"dev": [("attention", False), ("attention_ff", False), ("all", True)], "schnell": [("all", True)]}
+# case -> (target preset, train CLIP-L too, adapter settings); adapter_cases.ADAPTERS on top of LoRA's
+CASES = {
+    "dev": {"attention": ("attention", False, {}), "attention_ff": ("attention_ff", False, {}),
+            "all": ("all", True, {}), "loha": ("all", True, ADAPTERS["loha"]),
+            "lokr": ("attention_ff", True, ADAPTERS["lokr"]), "lokr_split": ("all", False, ADAPTERS["lokr_split"]),
+            "dora": ("all", True, ADAPTERS["dora"])},
+    "schnell": {"all": ("all", True, {})},
+}
 TOLERANCE = 1e-5
 ALPHA = 2.0
 
 
-def write_lora(model: ModelConfig, preset: str, text_encoder: bool, path: Path) -> None:
-    """A LoRA of the preset through the trainer's own adapters and writer, its up matrices drawn at random (a
-    zero delta would prove nothing)."""
-    cfg = RunConfig(lora=LoraConfig(rank=4, alpha=ALPHA, targets=preset, train_text_encoder=text_encoder))
+def write_lora(model: ModelConfig, preset: str, text_encoder: bool, path: Path, **settings) -> dict[str, torch.Tensor]:
+    """An adapter of the preset through the trainer's own adapters and writer, every weight of it drawn at random
+    (a zero delta would prove nothing); returns what it changes in each module (adapter_cases.merged_deltas)."""
+    cfg = RunConfig(lora=LoraConfig(rank=4, alpha=ALPHA, targets=preset, train_text_encoder=text_encoder,
+                                     **settings))
     family = family_for(model)
     components = family.load(model, torch.float32)
     add_lora(cfg, family, components)
     parts = trained_parts(cfg, family, components)
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for part in parts.values():
-            for _, layer in lora_layers(part, "default"):
-                weight = layer.lora_B["default"].weight
-                weight.copy_(torch.randn(weight.shape, generator=g) * 0.05)
+    randomize(parts, seed=11)
     save_file(kohya_state_dict(parts, family, alpha=ALPHA), str(path))
+    return merged_deltas(parts, family)
 
 
-def expected_deltas(tensors: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
-    """ComfyUI weight key -> the delta the file means, the transformer's mapped to BFL's fused weights."""
+def expected_deltas(deltas: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """ComfyUI weight key -> the delta of each trained module (by file name), the transformer's mapped to BFL's
+    fused weights."""
     from tiny_model import build_flux_transformer
 
-    deltas = lora_modules(tensors)
     full = {name: torch.zeros_like(value) for name, value in build_flux_transformer(config.guidance_embeds)
             .state_dict().items()}
     for name, delta in deltas.items():
@@ -70,10 +75,10 @@ def comfy_flux(request, tiny_flux, tiny_flux_schnell, comfy_dir, tmp_path_factor
     tiny = tiny_flux if variant == "dev" else tiny_flux_schnell
     folder = tmp_path_factory.mktemp(f"comfy-flux-{variant}")
     model = ModelConfig(**tiny["model"])
-    loras = {}
-    for preset, text_encoder in CASES[variant]:
-        loras[preset] = folder / f"{preset}.safetensors"
-        write_lora(model, preset, text_encoder, loras[preset])
+    loras, deltas = {}, {}
+    for case, (preset, text_encoder, settings) in CASES[variant].items():
+        loras[case] = folder / f"{case}.safetensors"
+        deltas[case] = write_lora(model, preset, text_encoder, loras[case], **settings)
     g = torch.Generator().manual_seed(3)
     inputs = {"x": torch.randn(1, 16, 8, 12, generator=g), "timestep": torch.tensor([0.4]),
               "context": torch.randn(1, 20, FLUX_TEXT_DIMS[1], generator=g),
@@ -89,7 +94,7 @@ def comfy_flux(request, tiny_flux, tiny_flux_schnell, comfy_dir, tmp_path_factor
         "schnell": variant == "schnell", "loras": {k: str(v) for k, v in loras.items()},
         "inputs": str(folder / "inputs.safetensors"), "out_dir": str(folder),
     }
-    return {"variant": variant, "model": model, "inputs": inputs, "loras": loras,
+    return {"variant": variant, "model": model, "inputs": inputs, "loras": loras, "module_deltas": deltas,
             **run_probe(PROBE, request_body, comfy_dir, folder)}
 
 
@@ -125,14 +130,16 @@ def test_comfyui_uses_every_tensor_and_applies_the_trained_delta(comfy_flux) -> 
 
 def assert_comfyui_applies_every_module(probed: dict, label: str, expected_of) -> None:
     """Every module of each case's file is in ComfyUI's key map, nothing is left unloaded, and each patched
-    weight changes by what the file means (`expected_of(tensors)`: ComfyUI weight key -> delta)."""
-    for case, path in probed["loras"].items():
+    weight changes by what the trained adapter changes (`expected_of(module deltas)`: ComfyUI weight key ->
+    delta)."""
+    for case in probed["loras"]:
         report, comfy_deltas = probed["report"]["loras"][case], probed["deltas"][case]
         assert report["unconsumed"] == [] and report["warnings"] == [], (case, report["warnings"][:5])
         assert report["mapped"] == report["names"], (case, sorted(set(report["names"]) - set(report["mapped"])))
-        expected = expected_of(load_file(str(path)))
+        expected = expected_of(probed["module_deltas"][case])
         assert set(comfy_deltas) == set(expected), (case, sorted(set(comfy_deltas) ^ set(expected))[:6])
         worst = max((comfy_deltas[key] - expected[key]).abs().max().item() for key in expected)
         print(f"ComfyUI {label} {case}: {len(report['names'])} modules, {len(expected)} weights, "
               f"max abs diff {worst:.2g}")
-        assert worst < TOLERANCE, case
+        assert worst < TOLERANCE, (case, max(((comfy_deltas[k] - expected[k]).abs().max().item(), k)
+                                             for k in expected))

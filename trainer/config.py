@@ -19,6 +19,8 @@ from .optimizers import schedule_problems
 Crop = Literal["center", "random"]
 TargetPreset = Literal["attention", "attention_ff", "all"]
 LoraInit = Literal["gaussian", "default"]  # inits that change the base weights cannot be exported
+# what each adapter is and how it is written: trainer/adapters.py
+Adapter = Literal["lora", "locon", "loha", "lokr"]
 # what each optimizer and schedule is, and which pairs are refused: trainer/optimizers.py
 Optimizer = Literal["adamw", "adamw8bit", "prodigy", "adafactor", "adamw_schedulefree"]
 LrScheduler = Literal[
@@ -79,8 +81,12 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
-    rank: int = 4
+    adapter: Adapter = "lora"  # locon: LoRA on the denoiser's convolutions too
+    rank: int = 4  # LoRA, LoHa: at most the adapted layers' smaller side; LoKr: any (it picks the split factors)
     alpha: float = 4.0
+    dora: bool = False  # weight-decomposed LoRA (LoRA and LoCon)
+    lokr_factor: int = -1  # LoKr's Kronecker factor: -1 the one nearest the square root, else a divisor
+    lokr_decompose_both: bool = False  # LoKr: split the first factor into two low-rank matrices too
     init: LoraInit = "gaussian"
     targets: TargetPreset = "attention"
     dropout: float = 0.0
@@ -242,6 +248,14 @@ def _range_problems(cfg: RunConfig) -> list[str]:
         (d.keep_tags > 0 and not d.shuffle_tags, "data.keep_tags: only means something with shuffle_tags on"),
         ("\n" in d.trigger_word or "\r" in d.trigger_word, "data.trigger_word: one line"),
         (lo.rank < 1, "lora.rank: 1 or more"),
+        (lo.dora and lo.adapter not in ("lora", "locon"), f"lora.dora: DoRA is a LoRA variant, not {lo.adapter!r}"),
+        (lo.dora and t.base_quantization != "none",
+         "lora.dora: DoRA needs the base weights' norms, which a quantized base (train.base_quantization) changes"),
+        (lo.lokr_factor == 0 or lo.lokr_factor < -1, "lora.lokr_factor: -1 (nearest the square root) or 1 or more"),
+        (lo.adapter != "lokr" and (lo.lokr_factor != -1 or lo.lokr_decompose_both),
+         "lora.lokr_factor, lokr_decompose_both: only for adapter 'lokr'"),
+        (lo.adapter in ("loha", "lokr") and lo.dropout > 0,
+         f"lora.dropout: LoRA's dropout; {lo.adapter} trains without it here"),
         (lo.alpha <= 0, "lora.alpha: greater than 0"),
         (not 0.0 <= lo.dropout < 1.0, "lora.dropout: in [0, 1)"),
         (t.batch_size < 1, "train.batch_size: 1 or more"),

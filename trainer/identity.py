@@ -31,7 +31,8 @@ _NEUTRAL = {
 _LATER_DEFAULTS = {
     "model": {"zero_terminal_snr": False, "text_encoders": [], "vae": None},
     "data": {"trigger_word": "", "caption_dropout": 0.0, "shuffle_tags": False, "keep_tags": 0},
-    "lora": {"train_text_encoder_2": False},
+    "lora": {"train_text_encoder_2": False, "adapter": "lora", "dora": False, "lokr_factor": -1,
+             "lokr_decompose_both": False},
     "train": {"text_encoder_2_learning_rate": None, "timestep_sampling": "auto", "logit_mean": 0.0,
               "logit_std": 1.0, "timestep_shift": 0.0, "guidance": 1.0, "base_quantization": "none"},
 }

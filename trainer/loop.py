@@ -15,18 +15,26 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
+from .adapters import peft_config, require_rank_fits
 from .captions import caption_at
 from .config import RunConfig
 from .data import check_images, load_items
 from .encode import Encoded, captions_encoded_every_step, empty_caption_encoding, encode_dataset
 from .events import EventLog
 from .families import DENOISER, Components, ModelFamily, Objective, family_for
-from .lora_file import base_model_hashes, count_tags, dataset_name, kohya_state_dict, lora_metadata, save_lora_file
+from .lora_file import (
+    ADAPTER,
+    base_model_hashes,
+    count_tags,
+    dataset_name,
+    kohya_state_dict,
+    lora_metadata,
+    save_lora_file,
+)
 from .optimizers import averaged_weights, current_lr, make_lr_scheduler, make_optimizer
 from .quantize import quantize_frozen
 from .resume import load_checkpoint, newest_checkpoint, save_checkpoint
@@ -135,14 +143,9 @@ def add_lora(cfg: RunConfig, family: ModelFamily, components: Components) -> dic
     torch.manual_seed(cfg.train.seed)
     params: dict[str, list[torch.nn.Parameter]] = {}
     for prefix, module in trained_parts(cfg, family, components).items():
-        config = PeftLoraConfig(
-            r=lo.rank,
-            lora_alpha=lo.alpha,
-            init_lora_weights=True if lo.init == "default" else lo.init,
-            target_modules=family.targets(prefix, lo.targets),
-            lora_dropout=lo.dropout,
-        )
+        config = peft_config(lo, family.adapter_targets(prefix, lo))
         inject_adapter_in_model(config, module)  # works for diffusers and transformers models alike
+        require_rank_fits(module, ADAPTER, lo.rank, family.part_name(prefix))
         params[prefix] = []
         for p in module.parameters():
             if p.requires_grad:

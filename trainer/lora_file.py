@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from .adapters import adapter_layers, layer_tensors, network_metadata
 from .config import DataConfig, RunConfig
 from .families.base import ModelFamily
 
@@ -59,7 +60,11 @@ def kohya_state_dict(
             raise ValueError(f"no LoRA layers (adapter {adapter!r}) found in {prefix}")
         for path, layer in layers:
             name = family.kohya_name(prefix, model, path)
-            tensors.update(_layer_tensors(name, layer, adapter, alpha, family.lora_weight_names))
+            layer_tensors = _layer_tensors(name, layer, adapter, alpha, family.lora_weight_names)
+            if f"{name}.dora_scale" in layer_tensors:
+                layer_tensors[f"{name}.dora_scale"] = family.dora_scale_rows(prefix, path,
+                                                                             layer_tensors[f"{name}.dora_scale"])
+            tensors.update(layer_tensors)
     return tensors
 
 
@@ -76,12 +81,8 @@ def _check_init(model: torch.nn.Module, part: str, adapter: str) -> None:
 
 
 def lora_layers(model: torch.nn.Module, adapter: str) -> Iterator[tuple[str, Any]]:
-    """(module path, peft LoRA layer) of every layer holding `adapter`."""
-    from peft.tuners.lora import LoraLayer
-
-    for path, module in model.named_modules():
-        if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            yield path, module
+    """(module path, peft layer) of every LoRA, LoHa or LoKr layer holding `adapter`."""
+    return adapter_layers(model, adapter)
 
 
 def _layer_tensors(
@@ -89,19 +90,15 @@ def _layer_tensors(
 ) -> dict[str, torch.Tensor]:
     """`weight_names`: what the family's loaders call the down and up matrices (kohya: lora_down / lora_up,
     diffusers' peft layout: lora_A / lora_B); the alpha is written beside them in either layout."""
-    _check_layer(name, layer, adapter, alpha)
-    down = layer.lora_A[adapter].weight
-    up = layer.lora_B[adapter].weight
-    down_name, up_name = weight_names
-    return {
-        f"{name}.{down_name}.weight": _export(down),
-        f"{name}.{up_name}.weight": _export(up),
-        f"{name}.alpha": torch.tensor(float(alpha), dtype=torch.float32),
-    }
+    from peft.tuners.lora import LoraLayer
+
+    if isinstance(layer, LoraLayer):
+        _check_layer(name, layer, adapter, alpha)
+    return layer_tensors(name, layer, adapter, weight_names)
 
 
 def _check_layer(name: str, layer: Any, adapter: str, alpha: float) -> None:
-    """kohya's format holds plain LoRA with delta = up @ down * alpha / rank, nothing else."""
+    """kohya's format holds LoRA with delta = up @ down * alpha / rank (and DoRA's magnitude), nothing else."""
     from peft.tuners.lora import Conv2d, Linear
 
     problems = []
@@ -111,18 +108,15 @@ def _check_layer(name: str, layer: Any, adapter: str, alpha: float) -> None:
         problems.append(f"layer type {type(layer).__name__} (only Linear and Conv2d are supported)")
     if getattr(layer, "use_rslora", {}).get(adapter, False):
         problems.append("use_rslora (scaling alpha/sqrt(r) is not expressible as alpha/rank)")
-    if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(adapter, False):
-        problems.append("a LoRA variant such as DoRA")
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    if variant is not None and not getattr(layer, "use_dora", {}).get(adapter, False):
+        problems.append(f"the LoRA variant {type(variant).__name__} (DoRA is the one written)")
     if getattr(layer, "lora_bias", {}).get(adapter, False):
         problems.append("lora_bias")
     if abs(layer.lora_alpha[adapter] - alpha) > 1e-6 * max(1.0, abs(alpha)):
         problems.append(f"lora_alpha {layer.lora_alpha[adapter]} differs from the configured alpha {alpha}")
     if problems:
         raise ValueError(f"{name}: cannot write as a kohya LoRA: " + "; ".join(problems))
-
-
-def _export(weight: torch.Tensor) -> torch.Tensor:
-    return weight.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
 
 
 # --- metadata ------------------------------------------------------------------------------------------
@@ -248,17 +242,17 @@ def _check_tag_frequency(tag_frequency: dict[str, dict[str, int]]) -> None:
 
 def _kohya_network(cfg: RunConfig) -> dict[str, Any]:
     lo = cfg.lora
+    network = network_metadata(lo, KOHYA_NETWORK_MODULE, convolutions=lo.targets == "all" or lo.adapter == "locon")
+    if "ss_network_args" in network:
+        network["ss_network_args"] = json.dumps(network["ss_network_args"])
     values: dict[str, Any] = {
-        "ss_network_module": KOHYA_NETWORK_MODULE,
+        **network,
         "ss_network_dim": lo.rank,
         "ss_network_alpha": lo.alpha,
         "ss_network_dropout": lo.dropout,
         "ss_network_train_unet_only": not (lo.train_text_encoder or lo.train_text_encoder_2),
         "ss_network_train_text_encoder_only": False,
     }
-    if lo.targets == "all":
-        # kohya's LoCon switch: network_args conv_dim/conv_alpha, values as strings as its CLI parses them
-        values["ss_network_args"] = json.dumps({"conv_dim": str(lo.rank), "conv_alpha": str(lo.alpha)})
     return values
 
 

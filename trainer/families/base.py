@@ -10,6 +10,7 @@ its noise schedule and training target (`Objective`).
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -131,6 +132,35 @@ class ModelFamily(ABC):
     @abstractmethod
     def targets(self, prefix: str, preset: str) -> list[str] | str:
         """peft target_modules of one trainable part for a target preset."""
+
+    def dora_scale_rows(self, prefix: str, module_path: str, scale: torch.Tensor) -> torch.Tensor:
+        """A DoRA magnitude in the row order the loaders apply it in: ComfyUI permutes a LoRA's delta to its
+        own layout of a weight, but not the `dora_scale` beside it; the same order as the trained module's in
+        most families."""
+        return scale
+
+    def part_name(self, prefix: str) -> str:
+        """What users call a trainable part, in messages."""
+        return self.text_encoder_names.get(prefix, f"{self.label} denoiser")
+
+    def conv_targets(self, prefix: str) -> str | None:
+        """The convolutions LoCon adds (a peft full-name regex), or None where the part has none to adapt."""
+        return None
+
+    def adapter_targets(self, prefix: str, lora: LoraConfig) -> list[str] | str:
+        """peft target_modules of one part for the config's preset and adapter: LoCon adds the convolutions."""
+        targets = self.targets(prefix, lora.targets)
+        if lora.adapter != "locon" or prefix != DENOISER:
+            return targets
+        conv = self.conv_targets(prefix)
+        if conv is None:
+            raise ValueError(f"lora.adapter 'locon': the {self.label} denoiser has no convolutions to adapt; "
+                             "use 'lora'")
+        if isinstance(targets, str):
+            return f"({targets})|({conv})"
+        # a list target matches a module whose name is it or ends in "." + it (peft); as one regex
+        names = "|".join(re.escape(target) for target in targets)
+        return rf"((.*\.)?({names}))|({conv})"
 
     @abstractmethod
     def kohya_name(self, prefix: str, model: torch.nn.Module, module_path: str) -> str:

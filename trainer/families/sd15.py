@@ -34,6 +34,8 @@ _TRANSFORMER_LAYER = (
 _RESNET_LAYER = r"resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)"
 _SAMPLER_LAYER = r"(downsamplers|upsamplers)\.\d+\.conv"
 UNET_ALL = f"{_UNET_BLOCK}({_TRANSFORMER_LAYER}|{_RESNET_LAYER}|{_SAMPLER_LAYER})"
+# LoCon's convolutions: those of "all" (kohya's conv_dim set)
+UNET_CONVOLUTIONS = rf"{_UNET_BLOCK}(resnets\.\d+\.(conv1|conv2|conv_shortcut)|{_SAMPLER_LAYER})"
 TEXT_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 # with TEXT_ATTENTION: every Linear of CLIPAttention and CLIPMLP, kohya's text-encoder module set
 TEXT_MLP = ["fc1", "fc2"]
@@ -105,6 +107,9 @@ class SD15Family(ModelFamily):
 
     def targets(self, prefix: str, preset: str) -> list[str] | str:
         return clip_unet_targets(prefix, preset)
+
+    def conv_targets(self, prefix: str) -> str | None:
+        return UNET_CONVOLUTIONS if prefix == DENOISER else None
 
     def kohya_name(self, prefix: str, model: torch.nn.Module, module_path: str) -> str:
         return f"{prefix}_{kohya_text_path(module_path) if prefix != DENOISER else module_path}".replace(".", "_")

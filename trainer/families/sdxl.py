@@ -15,7 +15,7 @@ from .base import DENOISER, Components, ModelFamily, cast_vae
 from .component_files import folder_models
 from .ddpm import DDPMObjective
 from .detect import is_diffusers_folder, require_family
-from .sd15 import TOKENS, clip_unet_targets
+from .sd15 import TOKENS, UNET_CONVOLUTIONS, clip_unet_targets
 from .sd15 import kohya_text_path as flattened_clip_path
 from .single_file import load_pipeline
 from .tokenizers import clip_tokenizer, find_tokenizer_dir, tokenize
@@ -111,6 +111,9 @@ class SDXLFamily(ModelFamily):
 
     def targets(self, prefix: str, preset: str) -> list[str] | str:
         return clip_unet_targets(prefix, preset)
+
+    def conv_targets(self, prefix: str) -> str | None:
+        return UNET_CONVOLUTIONS if prefix == DENOISER else None
 
     def kohya_name(self, prefix: str, model: torch.nn.Module, module_path: str) -> str:
         if prefix == DENOISER:
