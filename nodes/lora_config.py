@@ -6,10 +6,11 @@ import typing
 
 from comfy_api.latest import io
 
-from ..trainer.config import LoraInit, TargetPreset
+from ..trainer.config import Adapter, LoraConfig, LoraInit, TargetPreset
 from .api_features import advanced
 
 LoraConfigType = io.Custom("LORA_FOUNDRY_LORA_CONFIG")
+RANK_LIMIT = 65536  # the widget's bound only: the trainer checks the rank against the layers it adapts
 
 
 class LoraFoundryLoraConfig(io.ComfyNode):
@@ -25,14 +26,15 @@ class LoraFoundryLoraConfig(io.ComfyNode):
                     "rank",
                     default=4,
                     min=1,
-                    max=1024,
-                    tooltip="LoRA rank (dimension); 4-32 is typical",
+                    max=RANK_LIMIT,
+                    tooltip="Adapter rank (dimension); 4-32 is typical. LoRA and LoHa: at most the smallest adapted "
+                    "layer's width (checked when training starts); LoKr: any (large ranks keep its factors whole)",
                 ),
                 io.Float.Input(
                     "alpha",
                     default=4.0,
                     min=0.01,
-                    max=1024.0,
+                    max=float(RANK_LIMIT),
                     step=0.5,
                     tooltip="Scale: the update is multiplied by alpha / rank; alpha = rank is common",
                 ),
@@ -74,6 +76,37 @@ class LoraFoundryLoraConfig(io.ComfyNode):
                     tooltip="Also train the second text encoder, where the base model has one (an error where it "
                     "has not)",
                 ),
+                io.Combo.Input(
+                    "adapter",
+                    options=list(typing.get_args(Adapter)),
+                    default="lora",
+                    optional=True,  # as every input after it: workflows saved before they existed still run
+                    tooltip="lora: low-rank update; locon: LoRA on the UNet's convolutions too (SD 1.5, SDXL); "
+                    "loha: Hadamard product of two low-rank updates; lokr: Kronecker product (LyCORIS). ComfyUI and "
+                    "Forge load all four; diffusers loads LoRA and LoCon only",
+                ),
+                io.Boolean.Input(
+                    "dora",
+                    default=False,
+                    optional=True,
+                    tooltip="DoRA: train each weight's magnitude apart from its direction (LoRA and LoCon)",
+                ),
+                io.Int.Input(
+                    "lokr_factor",
+                    default=-1,
+                    min=-1,
+                    max=RANK_LIMIT,
+                    optional=True,
+                    tooltip="LoKr: the size of the small Kronecker factor (-1: the one nearest the square root)",
+                    **advanced(),
+                ),
+                io.Boolean.Input(
+                    "lokr_decompose_both",
+                    default=False,
+                    optional=True,
+                    tooltip="LoKr: make the small factor low-rank as well",
+                    **advanced(),
+                ),
             ],
             outputs=[LoraConfigType.Output(display_name="lora_config")],
         )
@@ -88,7 +121,16 @@ class LoraFoundryLoraConfig(io.ComfyNode):
         dropout: float,
         train_text_encoder: bool,
         train_text_encoder_2: bool = False,
+        adapter: str = "lora",
+        dora: bool = False,
+        lokr_factor: int = -1,
+        lokr_decompose_both: bool = False,
     ) -> io.NodeOutput:
-        return io.NodeOutput({"rank": rank, "alpha": float(alpha), "init": init, "targets": targets,
-                              "dropout": float(dropout), "train_text_encoder": train_text_encoder,
-                              "train_text_encoder_2": train_text_encoder_2})
+        value = {"rank": rank, "alpha": float(alpha), "init": init, "targets": targets, "dropout": float(dropout),
+                 "train_text_encoder": train_text_encoder, "train_text_encoder_2": train_text_encoder_2}
+        # the adapter settings only where they differ from LoRA's defaults: configs written before they existed
+        # keep their run identity
+        chosen = {"adapter": adapter, "dora": dora, "lokr_factor": lokr_factor,
+                  "lokr_decompose_both": lokr_decompose_both}
+        value |= {key: setting for key, setting in chosen.items() if setting != getattr(LoraConfig, key)}
+        return io.NodeOutput(value)  # checked with the rest of the run's config by the Train node

@@ -233,6 +233,7 @@ def build_config(base_model: str, dataset: dict, lora_config: dict, output_name:
         cfg = parse_config(raw)
     except ConfigError as error:
         raise ValueError(str(error)) from None
+    get_family(family).check_adapter(cfg.lora)
     cfg.output.run_id = run_identity(cfg, dataset["content"])
     cfg.run_dir = str(paths.runs_dir() / f"{stem}-{cfg.output.run_id[:12]}")
     return cfg

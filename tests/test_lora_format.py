@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from adapter_cases import ADAPTERS, CONV_ADAPTERS, merged_deltas, randomize
 from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from tiny_model import build_scheduler, build_text_encoder, build_unet, build_vae
 
 import trainer.lora_file as lora_file
+from trainer.adapters import peft_config
 from trainer.config import LoraConfig, ModelConfig, RunConfig
 from trainer.families.sd15 import SD15
 from trainer.lora_file import (
@@ -112,11 +114,41 @@ def _train(preset: str, with_text_encoder: bool, folder: Path) -> Trained:
     return Trained(file, modules)
 
 
+# case -> (target preset, train the text encoder too, adapter settings), through the trainer's own adapters
+ADAPTER_CASES = {
+    "loha+te": ("attention", True, ADAPTERS["loha"]),
+    "lokr": ("attention_ff", False, ADAPTERS["lokr"]),
+    "lokr_split+te": ("attention", True, ADAPTERS["lokr_split"]),
+    "dora+te": ("attention_ff", True, ADAPTERS["dora"]),
+    # convolutions: LoCon adds them to a preset; "all" holds them for every adapter type
+    "locon": ("attention", False, CONV_ADAPTERS["locon"]),
+    "locon_dora": ("attention", False, CONV_ADAPTERS["locon_dora"]),
+    "loha_conv": ("all", False, CONV_ADAPTERS["loha_conv"]),
+    "lokr_conv": ("all", False, CONV_ADAPTERS["lokr_conv"]),
+}
+
+
+def _train_adapter(preset: str, with_text_encoder: bool, settings: dict, path: Path) -> Trained:
+    lo = LoraConfig(rank=RANK, alpha=ALPHA, targets=preset, train_text_encoder=with_text_encoder, **settings)
+    parts = {"lora_unet": build_unet()} | ({"lora_te": build_text_encoder()} if with_text_encoder else {})
+    for prefix, model in parts.items():
+        inject_adapter_in_model(peft_config(lo, SD15.adapter_targets(prefix, lo)), model)
+    randomize(parts, seed=12)
+    save_lora_file(path, kohya_state_dict(parts, SD15, alpha=ALPHA), {}, overwrite=False)
+    part_names = {prefix: part for part, prefix in PREFIXES.items()}
+    bases = {SD15.kohya_name(prefix, model, layer_path): (part_names[prefix], layer_path,
+                                                          layer.get_base_layer().weight.detach().clone())
+             for prefix, model in parts.items() for layer_path, layer in lora_file.lora_layers(model, "default")}
+    deltas = merged_deltas(parts, SD15)  # (after the bases: merging and unmerging moves them by rounding)
+    return Trained(path, {name: Module(*bases[name], delta) for name, delta in deltas.items()})
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, comfy_probe) -> dict[tuple[str, bool], Trained]:
+def trained(tmp_path_factory: pytest.TempPathFactory, comfy_probe) -> dict:
     # comfy_probe only so that the ComfyUI subprocess starts first and its imports overlap these tests
     folder = tmp_path_factory.mktemp("loras")
-    return {case: _train(*case, folder) for case in CASES}
+    return {case: _train(*case, folder) for case in CASES} | {
+        case: _train_adapter(*settings, folder / f"{case}.safetensors") for case, settings in ADAPTER_CASES.items()}
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -324,6 +356,7 @@ def comfy_report(trained, comfy_probe, tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("comfy")
     save_file(_base_weights(), str(folder / "base.safetensors"))
     loras = {case_id: str(trained[case].file) for case_id, case in zip(CASE_IDS, CASES, strict=True)}
+    loras |= {case: str(trained[case].file) for case in ADAPTER_CASES}
     loras["bogus"] = str(_with_bogus_key(trained[CASES[0]].file, folder / "bogus.safetensors"))
     request = {
         "unet_config": TINY_COMFY_UNET,
@@ -346,7 +379,17 @@ def test_comfyui_sees_the_tiny_models_as_intended(comfy_report):
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_comfyui_loads_every_key_with_the_trained_delta(trained, comfy_report, case):
-    t, case_id = trained[case], CASE_IDS[CASES.index(case)]
+    assert_comfyui_applies(trained[case], comfy_report, CASE_IDS[CASES.index(case)])
+
+
+@pytest.mark.parametrize("case", list(ADAPTER_CASES))
+def test_comfyui_applies_each_adapter_type_exactly(trained, comfy_report, case):
+    assert_comfyui_applies(trained[case], comfy_report, case)
+
+
+def assert_comfyui_applies(t: Trained, comfy_report: dict, case_id: str) -> None:
+    """ComfyUI places every module of the file on the layer peft trained, uses every key, and changes each
+    weight by the trained delta."""
     report, tensors = comfy_report["loras"][case_id], comfy_report["tensors"][case_id]
     assert report["warnings"] == [] and report["unconsumed"] == []
     assert set(report["key_map"]) == set(t.modules)

@@ -51,7 +51,7 @@ def test_the_train_node_opens_short_where_comfyui_has_advanced_inputs(comfy_serv
         return
     # base_quantization: advanced and optional (old workflows and API prompts lack it)
     assert advanced_inputs(info, "LoraFoundryTrain") == RARELY_USED_TRAIN_INPUTS | {"base_quantization"}
-    assert advanced_inputs(info, "LoraFoundryLoraConfig") == {"init", "dropout"}
+    assert advanced_inputs(info, "LoraFoundryLoraConfig") == {"init", "dropout", "lokr_factor", "lokr_decompose_both"}
     # the caption tricks: optional (old workflows lack them) and advanced
     assert advanced_inputs(info, "LoraFoundryDataset") == {"top_rows", "caption_dropout", "shuffle_tags", "keep_tags"}
     assert info["LoraFoundryTrain"]["search_aliases"] == ["train lora", "lora trainer", "dreambooth"]

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,10 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
-def denoising_loss(model_dir: Path, data_folder: Path, lora: Path | None) -> float:
-    """Mean denoising MSE of the tiny model on the two training images, over fixed (noise, t) pairs."""
+def denoising_loss(model_dir: Path, data_folder: Path, lora: Path | None,
+                   adapt: Callable[[torch.nn.Module], None] | None = None) -> float:
+    """Mean denoising MSE of the tiny model on the two training images, over fixed (noise, t) pairs; with the
+    LoRA file loaded by diffusers, or the UNet changed by `adapt` (an adapter diffusers cannot load)."""
     from diffusers import StableDiffusionPipeline
 
     from trainer.data import open_image, prepare_image
@@ -46,6 +49,8 @@ def denoising_loss(model_dir: Path, data_folder: Path, lora: Path | None) -> flo
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, local_files_only=True)
     if lora is not None:
         pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    if adapt is not None:
+        adapt(pipe.unet)
     g = torch.Generator().manual_seed(1234)
     losses = []
     with torch.no_grad():

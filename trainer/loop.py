@@ -275,6 +275,7 @@ class Trainer:
         check_images(self.items)
         require_batch_fits(cfg, len(self.items), acc.num_processes)
         self.family.trained_text_encoders(cfg.lora)  # a text encoder the family lacks is refused before loading
+        self.family.check_adapter(cfg.lora)
         self.check_stop()
         self.events.emit("loading", model=Path(cfg.model.path).name, family=self.family.label)
         self.components = self.family.load(cfg.model, weight_dtype(acc))

@@ -147,15 +147,19 @@ class ModelFamily(ABC):
         """The convolutions LoCon adds (a peft full-name regex), or None where the part has none to adapt."""
         return None
 
+    def check_adapter(self, lora: LoraConfig) -> None:
+        """Refuse, before anything loads, an adapter the family cannot take."""
+        if lora.adapter == "locon" and self.conv_targets(DENOISER) is None:
+            raise ValueError(f"lora.adapter 'locon': the {self.label} denoiser has no convolutions to adapt; "
+                             "use 'lora'")
+
     def adapter_targets(self, prefix: str, lora: LoraConfig) -> list[str] | str:
         """peft target_modules of one part for the config's preset and adapter: LoCon adds the convolutions."""
         targets = self.targets(prefix, lora.targets)
         if lora.adapter != "locon" or prefix != DENOISER:
             return targets
+        self.check_adapter(lora)
         conv = self.conv_targets(prefix)
-        if conv is None:
-            raise ValueError(f"lora.adapter 'locon': the {self.label} denoiser has no convolutions to adapt; "
-                             "use 'lora'")
         if isinstance(targets, str):
             return f"({targets})|({conv})"
         # a list target matches a module whose name is it or ends in "." + it (peft); as one regex
