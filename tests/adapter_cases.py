@@ -20,7 +20,9 @@ ADAPTERS = {
 }
 CONV_ADAPTERS = {"locon": {"adapter": "locon"}, "locon_dora": {"adapter": "locon", "dora": True},
                  "loha_conv": {"adapter": "loha"}, "lokr_conv": {"adapter": "lokr"}}
-SCALE = 0.05  # deltas of ~1e-2: a thousand times the checks' tolerance
+SCALE = 0.05  # LoRA: deltas of ~1e-2, a thousand times the checks' tolerance
+# LoHa and LoKr multiply two or three such factors: larger ones give deltas of the same ~1e-2
+FACTOR_SCALE = 0.3
 
 
 def randomize(parts: dict[str, torch.nn.Module], seed: int) -> None:
@@ -36,7 +38,7 @@ def randomize(parts: dict[str, torch.nn.Module], seed: int) -> None:
                 if "lora_magnitude_vector" in name:
                     param.mul_(1 + SCALE * noise)
                 else:
-                    param.copy_(noise * SCALE)
+                    param.copy_(noise * (FACTOR_SCALE if ".hada_" in name or ".lokr_" in name else SCALE))
 
 
 def merged_deltas(parts: dict[str, torch.nn.Module], family: ModelFamily) -> dict[str, torch.Tensor]:

@@ -2,9 +2,10 @@
 single-file layout ComfyUI's models/checkpoints holds, fp16, cached outside the repo).
 
 What a user of an SDXL LoRA notices, checked on the real sizes and names: ComfyUI's stock loader uses every
-tensor of the LoRA, for every target preset and both text encoders; the change it makes to each weight is the
-change the trained adapter makes; diffusers' SDXL pipeline adapts every module of the file; and the prompt
-encoding the trainer caches is what ComfyUI's CLIPTextEncodeSDXL gives the UNet for the same file.
+tensor of the LoRA, for every target preset and both text encoders, and of LoCon, LoHa, LoKr and DoRA files;
+the change it makes to each weight is the change the trained adapter makes; diffusers' SDXL pipeline adapts
+every module of a LoRA file; and the prompt encoding the trainer caches is what ComfyUI's CLIPTextEncodeSDXL
+gives the UNet for the same file.
 
 Deltas are compared through sketches (each flattened delta times fixed random unit vectors, see
 comfy_sdxl_probe.py): a full fp32 copy of every delta of the "all" preset would be larger than the UNet.
@@ -25,12 +26,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from adapter_cases import ADAPTERS, CONV_ADAPTERS
 from safetensors.torch import load_file
 
 from trainer.families import DENOISER
 
 HERE = Path(__file__).resolve().parent
 PRESETS = ("attention", "attention_ff", "all")
+# the other adapter types, each on the attention preset with both text encoders (tests/adapter_cases.py)
+ADAPTER_CASES = {**ADAPTERS, "locon": CONV_ADAPTERS["locon"]}
+ADAPTER_PRESET = "attention"
+CASES = (*PRESETS, *ADAPTER_CASES)
 PROMPT = "a watercolor fox resting in tall grass, soft morning light"
 SIZE = (832, 1216)  # a portrait bucket: the size conditioning ComfyUI attaches must leave the encoding alone
 TOLERANCE = 1e-5
@@ -57,7 +63,8 @@ def random_sdxl() -> Path:
 def ours(random_sdxl: Path, tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sdxl-ours")
     run_probe("sdxl_lora_probe.py", {"checkpoint": str(random_sdxl), "tokenizer_dir": str(tokenizer_dir),
-                                     "presets": list(PRESETS), "prompt": PROMPT, "out_dir": str(out)}, HERE)
+                                     "presets": list(PRESETS), "adapters": ADAPTER_CASES,
+                                     "adapter_preset": ADAPTER_PRESET, "prompt": PROMPT, "out_dir": str(out)}, HERE)
     return out
 
 
@@ -65,7 +72,7 @@ def ours(random_sdxl: Path, tokenizer_dir: Path, tmp_path_factory: pytest.TempPa
 def comfy(ours: Path, random_sdxl: Path, comfy_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sdxl-comfy")
     run_probe("comfy_sdxl_probe.py", {
-        "checkpoint": str(random_sdxl), "loras": {preset: str(ours / f"{preset}.safetensors") for preset in PRESETS},
+        "checkpoint": str(random_sdxl), "loras": {case: str(ours / f"{case}.safetensors") for case in CASES},
         "probe_vectors": str(ours / "probe_vectors.safetensors"), "prompt": PROMPT, "size": list(SIZE),
         "out_dir": str(out)}, comfy_dir)
     return out
@@ -91,7 +98,7 @@ def test_comfyui_reads_the_file_as_sdxl(comfy: Path) -> None:
     assert loaded["clip_dtypes"] == ["torch.float32"]
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", CASES)
 def test_comfyui_uses_every_tensor_of_each_preset(ours: Path, comfy: Path, preset: str) -> None:
     loaded = report(comfy)["loras"][preset]
     counts = report(ours)["modules"][preset]
@@ -111,7 +118,7 @@ def test_presets_grow_to_the_whole_unet(ours: Path) -> None:
     assert counts["all"]["lora_te2"] == 32 * 6  # ... and fc1, fc2
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", CASES)
 def test_comfyui_applies_peft_delta(ours: Path, comfy: Path, preset: str) -> None:
     peft = load_file(str(ours / f"peft-{preset}.safetensors"))
     theirs = load_file(str(comfy / f"{preset}.safetensors"))
