@@ -278,6 +278,28 @@ def test_diffusers_load_lora_weights_gives_the_trained_delta(trained, case):
     print(f"diffusers {case}: {len(t.modules)} modules, max abs diff {worst:.3g}")
 
 
+@pytest.mark.parametrize("case", ["locon", "loha+te", "lokr", "dora+te"])
+def test_what_diffusers_makes_of_each_adapter_type(trained, case, caplog):
+    """As the README's adapter table says: diffusers loads LoCon with its trained delta, refuses LoHa and LoKr
+    files outright, and loads a DoRA file as its LoRA part only, with a warning (its kohya reader drops
+    `dora_scale`)."""
+    t = trained[case]
+    pipe = _fresh_pipeline()
+    if case in ("loha+te", "lokr"):
+        with pytest.raises(ValueError):
+            pipe.load_lora_weights(str(t.file))
+        return
+    pipe.load_lora_weights(str(t.file))
+    parts = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    pipe.fuse_lora(components=list(parts), lora_scale=1.0)
+    worst = max(_max_diff(_weight(parts[m.part].get_submodule(m.path)).detach() - m.base, m.delta)
+                for m in t.modules.values())
+    if case == "locon":
+        assert worst < TOLERANCE
+    else:
+        assert worst > 100 * TOLERANCE and "dora_scale" in caplog.text
+
+
 # --- ComfyUI -------------------------------------------------------------------------------------------
 
 PROBE = Path(__file__).absolute().parent / "comfy_lora_probe.py"
