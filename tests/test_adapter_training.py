@@ -11,9 +11,10 @@ import torch
 from adapter_cases import ADAPTERS, CONV_ADAPTERS
 from conftest import run_trainer, tiny_config
 from safetensors import safe_open
+from test_config import config_problems
 from test_trainer import assert_ok, assert_resumed_run_matches_uninterrupted, denoising_loss
 
-from trainer.config import ConfigError, LoraConfig, ModelConfig, parse_config
+from trainer.config import LoraConfig, ModelConfig
 from trainer.families import family_for
 
 TRAINED = {"locon": CONV_ADAPTERS["locon"], "loha": ADAPTERS["loha"], "lokr": ADAPTERS["lokr"],
@@ -70,23 +71,18 @@ def test_each_adapter_resumes_to_the_same_file(tmp_path, tiny_model_dir, two_ima
     assert_resumed_run_matches_uninterrupted(tmp_path, tiny_model_dir, two_image_folder, lora=TRAINED[name])
 
 
-def config_problems(**lora) -> list[str]:
-    raw = {"run_dir": "r", "model": {"path": "m"}, "data": {"folder": "d"}, "output": {"lora_path": "o.safetensors"},
-           "lora": lora}
-    try:
-        parse_config(raw)
-    except ConfigError as exc:
-        return exc.problems
-    return []
-
-
 def test_settings_an_adapter_cannot_take_are_refused() -> None:
-    assert config_problems(adapter="loha", dora=True) == ["lora.dora: DoRA is a LoRA variant, not 'loha'"]
-    assert config_problems(lokr_factor=4) == ["lora.lokr_factor, lokr_decompose_both: only for adapter 'lokr'"]
-    assert config_problems(adapter="lokr", lokr_factor=0) == [
-        "lora.lokr_factor: -1 (nearest the square root) or 1 or more"]
-    assert config_problems(adapter="loha", dropout=0.1) == ["lora.dropout: LoRA's dropout; loha trains without it here"]
-    assert config_problems(adapter="lokr", rank=100000, alpha=100000.0) == []  # LoKr: any rank
+    refused = {
+        "lora.dora: DoRA is a LoRA variant, not 'loha'": {"adapter": "loha", "dora": True},
+        "lora.lokr_factor, lokr_decompose_both: only for adapter 'lokr'": {"lokr_factor": 4},
+        "lora.lokr_factor: -1 (nearest the square root) or 1 or more": {"adapter": "lokr", "lokr_factor": 0},
+        "lora.dropout: LoRA's dropout; loha trains without it here": {"adapter": "loha", "dropout": 0.1},
+    }
+    for message, lora in refused.items():
+        assert config_problems(lora=lora) == [message]
+    assert config_problems(lora={"adapter": "lokr", "rank": 100000, "alpha": 100000.0}) == []  # LoKr: any rank
+    assert config_problems(lora={"dora": True}, train={"base_quantization": "int8"}) == [
+        "lora.dora: DoRA needs the base weights' norms, which a quantized base (train.base_quantization) changes"]
 
 
 def test_locon_on_a_transformer_is_refused_before_loading(tiny_flux) -> None:

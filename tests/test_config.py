@@ -27,6 +27,18 @@ def problems_of(raw: dict) -> list[str]:
     return info.value.problems
 
 
+def config_problems(**sections: dict) -> list[str]:
+    """The problems of a valid config with `sections` merged in ([] when it is still valid)."""
+    raw = valid()
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    try:
+        parse_config(raw)
+    except ConfigError as exc:
+        return exc.problems
+    return []
+
+
 def test_defaults_are_the_seed_chapters() -> None:
     cfg = parse_config(valid())
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.init, cfg.lora.targets) == (4, 4.0, "gaussian", "attention")
