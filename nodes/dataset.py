@@ -204,12 +204,8 @@ def gather_items(source: str, folder: str, hub_dataset: str, captions: list[str]
 
 
 def caption_settings(trigger_word: str, caption_dropout: float, shuffle_tags: bool, keep_tags: int) -> dict:
-    """The caption settings that differ from the defaults (so a dataset without them keeps its content key),
-    checked as the trainer's config checks them."""
-    if "\n" in trigger_word or "\r" in trigger_word:
-        raise ValueError("trigger_word: one line")
-    if keep_tags and not shuffle_tags:
-        raise ValueError("keep_tags: only means something with shuffle_tags on")
+    """The caption settings that differ from the defaults, so a dataset without them keeps its content key (the
+    Train node checks them with the rest of the run's config)."""
     chosen = {"trigger_word": trigger_word.strip(), "caption_dropout": caption_dropout, "shuffle_tags": shuffle_tags,
               "keep_tags": keep_tags}
     return {key: value for key, value in chosen.items() if value != getattr(DataConfig, key)}

@@ -85,8 +85,9 @@ def test_the_mask_follows_the_pictures_crop_and_bucket(tmp_path, crop) -> None:
     assert 0 < float(weights.mean()) < 1
 
 
-def test_pixels_under_a_black_mask_change_nothing_bit_for_bit(tmp_path, tiny_model_dir) -> None:
-    settings = {"data": {"random_flip": True}, "train": {"max_steps": 6}}
+@pytest.mark.parametrize("crop", ["center", "random"])
+def test_pixels_under_a_black_mask_change_nothing_bit_for_bit(tmp_path, tiny_model_dir, crop) -> None:
+    settings = {"data": {"random_flip": True, "crop": crop}, "train": {"max_steps": 6}}
     runs = {}
     for name, scribble, masked in (("masked", None, True), ("scribbled", 1, True), ("unmasked", 1, False)):
         folder = masked_folder(tmp_path / f"data-{name}", scribble)

@@ -35,9 +35,16 @@ def test_each_optimizer_learns(tmp_path, tiny_model_dir, two_image_folder, name)
         assert lrs[0] < 1e-5 and lrs[-1] > 1e-3
 
 
+# each optimizer resumes with an adapter type of its own, so the adapters' resume is proven in the same runs
+RESUMED_WITH = {"prodigy": {"adapter": "loha"}, "adafactor (relative step)": {"adapter": "lokr"},
+                "adafactor": {}, "adamw_schedulefree": {"dora": True}}
+
+
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_each_optimizer_resumes_to_the_same_lora(tmp_path, tiny_model_dir, two_image_folder, name) -> None:
-    assert_resumed_run_matches_uninterrupted(tmp_path, tiny_model_dir, two_image_folder, train=OPTIMIZERS[name])
+def test_each_optimizer_and_adapter_resumes_to_the_same_lora(tmp_path, tiny_model_dir, two_image_folder,
+                                                             name) -> None:
+    assert_resumed_run_matches_uninterrupted(tmp_path, tiny_model_dir, two_image_folder, train=OPTIMIZERS[name],
+                                             lora=RESUMED_WITH[name])
 
 
 def test_schedules_an_optimizer_cannot_take_are_refused() -> None:

@@ -3,12 +3,14 @@ text encoder once, looked up in and added to the content-keyed cache."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from .cache import FileHashes, TensorCache, fingerprint, sha256_file
 from .captions import encodes_every_step
@@ -58,7 +60,7 @@ def encode_dataset(
         image = open_masked(item)
         bucket = bucket_for(image.width, image.height, data)
         image_digest = sha256_file(item.image)
-        crop_rng = random.Random(derive_seed(cfg.train.seed, int(image_digest[:15], 16)))
+        crop_rng = random.Random(derive_seed(cfg.train.seed, int(_crop_digest(item, image, image_digest)[:15], 16)))
         key_parts = [digest, image_digest, bucket, data.crop, data.random_flip, cfg.train.seed]
         if item.mask is not None:  # the mask greys pixels out and weights the loss: part of the key
             key_parts.append(sha256_file(item.mask))
@@ -83,6 +85,14 @@ def encode_dataset(
                                item.caption, text))
         progress(index + 1, len(items), hits)
     return encoded
+
+
+def _crop_digest(item: Item, image: Image.Image, image_digest: str) -> str:
+    """What a random crop is drawn from: the file's bytes, or for a masked picture the pixels its mask keeps, so
+    that what lies under black cannot move the crop either."""
+    if item.mask is None:
+        return image_digest
+    return hashlib.sha256(image.tobytes()).hexdigest()
 
 
 def _mask_weights(path: str, framing: Framing, latent_size: tuple[int, int], flipped: bool) -> dict:
