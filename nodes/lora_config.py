@@ -6,7 +6,7 @@ import typing
 
 from comfy_api.latest import io
 
-from ..trainer.config import Adapter, LoraConfig, LoraInit, TargetPreset
+from ..trainer.config import Adapter, LoraInit, TargetPreset
 from .api_features import advanced
 
 LoraConfigType = io.Custom("LORA_FOUNDRY_LORA_CONFIG")
@@ -126,11 +126,9 @@ class LoraFoundryLoraConfig(io.ComfyNode):
         lokr_factor: int = -1,
         lokr_decompose_both: bool = False,
     ) -> io.NodeOutput:
-        value = {"rank": rank, "alpha": float(alpha), "init": init, "targets": targets, "dropout": float(dropout),
-                 "train_text_encoder": train_text_encoder, "train_text_encoder_2": train_text_encoder_2}
-        # the adapter settings only where they differ from LoRA's defaults: configs written before they existed
-        # keep their run identity
-        chosen = {"adapter": adapter, "dora": dora, "lokr_factor": lokr_factor,
-                  "lokr_decompose_both": lokr_decompose_both}
-        value |= {key: setting for key, setting in chosen.items() if setting != getattr(LoraConfig, key)}
-        return io.NodeOutput(value)  # checked with the rest of the run's config by the Train node
+        # checked with the rest of the run's config by the Train node; at their defaults the adapter settings
+        # leave a run's identity as it was before they existed (trainer/identity.py)
+        return io.NodeOutput({"rank": rank, "alpha": float(alpha), "init": init, "targets": targets,
+                              "dropout": float(dropout), "train_text_encoder": train_text_encoder,
+                              "train_text_encoder_2": train_text_encoder_2, "adapter": adapter, "dora": dora,
+                              "lokr_factor": lokr_factor, "lokr_decompose_both": lokr_decompose_both})

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from trainer.adapters import adapter_layers
 from trainer.families.base import ModelFamily
-from trainer.lora_file import ADAPTER, lora_layers
+from trainer.lora_file import ADAPTER
 
 # name -> lora config settings; each is on top of the case's target preset
 ADAPTERS = {
@@ -46,7 +47,7 @@ def merged_deltas(parts: dict[str, torch.nn.Module], family: ModelFamily) -> dic
     deltas = {}
     with torch.no_grad():
         for prefix, model in parts.items():
-            for path, layer in lora_layers(model, ADAPTER):
+            for path, layer in adapter_layers(model, ADAPTER):
                 base = layer.get_base_layer().weight
                 before = base.detach().float().clone()
                 layer.merge(adapter_names=[ADAPTER])

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from adapter_cases import randomize  # noqa: E402 (it imports the trainer)
 
-from trainer.lora_file import lora_layers  # noqa: E402
+from trainer.adapters import adapter_layers  # noqa: E402
 
 UP_SCALE = 0.05  # deltas of ~1e-2, a thousand times the tests' tolerance
 
@@ -49,7 +49,7 @@ def remove_adapters(model: torch.nn.Module) -> None:
 def draw_up_weights(parts: dict[str, torch.nn.Module], seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     for model in parts.values():
-        for _, layer in lora_layers(model, "default"):
+        for _, layer in adapter_layers(model, "default"):
             up = layer.lora_B["default"].weight
             up.data = torch.randn(up.shape, generator=generator) * UP_SCALE
 
@@ -71,7 +71,7 @@ def sketches(family, parts: dict[str, torch.nn.Module], adapter: str, vectors: P
     # one module at a time: all of the "all" preset's deltas in fp32 would outweigh the UNet
     with torch.no_grad():
         return {family.kohya_name(prefix, model, path): sketch(effective_delta(layer, adapter), vectors)
-                for prefix, model in parts.items() for path, layer in lora_layers(model, adapter)}
+                for prefix, model in parts.items() for path, layer in adapter_layers(model, adapter)}
 
 
 def encode(family, components, prompt: str) -> dict[str, torch.Tensor]:
@@ -114,7 +114,7 @@ def main() -> None:
         save_file(kohya_state_dict(parts, family, alpha=lora.alpha), str(path))
         if not settings:
             loras[case] = path  # diffusers reads LoRA files only
-        modules[case] = {prefix: len(list(lora_layers(part, "default"))) for prefix, part in parts.items()}
+        modules[case] = {prefix: len(list(adapter_layers(part, "default"))) for prefix, part in parts.items()}
         save_file(sketches(family, parts, "default", vectors), str(out / f"peft-{case}.safetensors"))
         for part in parts.values():
             remove_adapters(part)

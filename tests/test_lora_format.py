@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from tiny_model import build_scheduler, build_text_encoder, build_unet, build_vae
 
 import trainer.lora_file as lora_file
-from trainer.adapters import peft_config
+from trainer.adapters import adapter_layers, peft_config
 from trainer.config import LoraConfig, ModelConfig, RunConfig
 from trainer.families.sd15 import SD15
 from trainer.lora_file import (
@@ -138,7 +138,7 @@ def _train_adapter(preset: str, with_text_encoder: bool, settings: dict, path: P
     part_names = {prefix: part for part, prefix in PREFIXES.items()}
     bases = {SD15.kohya_name(prefix, model, layer_path): (part_names[prefix], layer_path,
                                                           layer.get_base_layer().weight.detach().clone())
-             for prefix, model in parts.items() for layer_path, layer in lora_file.lora_layers(model, "default")}
+             for prefix, model in parts.items() for layer_path, layer in adapter_layers(model, "default")}
     deltas = merged_deltas(parts, SD15)  # (after the bases: merging and unmerging moves them by rounding)
     return Trained(path, {name: Module(*bases[name], delta) for name, delta in deltas.items()})
 

@@ -25,9 +25,9 @@ def with_trigger(caption: str, trigger_word: str) -> str:
     return f"{trigger}{TAG_SEPARATOR} {caption}" if caption else trigger
 
 
-def encodes_every_step(data: DataConfig) -> bool:
-    """Whether captions change beyond what a cache of each variant can hold."""
-    return data.shuffle_tags
+def kept_tags(data: DataConfig) -> int:
+    """The leading tags shuffling leaves in place: `keep_tags`, and the trigger word (kohya's keep_tokens)."""
+    return data.keep_tags + (1 if data.trigger_word.strip() else 0)
 
 
 def caption_at(caption: str, data: DataConfig, seed: int, epoch: int, slot: int) -> str:
@@ -39,7 +39,7 @@ def caption_at(caption: str, data: DataConfig, seed: int, epoch: int, slot: int)
     if not data.shuffle_tags:
         return caption
     tags = [tag.strip() for tag in caption.split(TAG_SEPARATOR) if tag.strip()]
-    kept = data.keep_tags + (1 if data.trigger_word.strip() else 0)  # the trigger word always stays first
+    kept = kept_tags(data)
     head, tail = tags[:kept], tags[kept:]
     order = torch.randperm(len(tail), generator=g).tolist()
     return f"{TAG_SEPARATOR} ".join(head + [tail[i] for i in order])

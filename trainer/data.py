@@ -471,15 +471,13 @@ def open_mask(path: str | Path) -> Image.Image:
         raise DataError([f"{path}: {_describe_failure(path, exc)}"]) from exc
 
 
-def open_masked(item: Item) -> Image.Image:
-    """The item's picture with its masked-out pixels (mask 0) made mid-grey before any resizing, so nothing
-    of them reaches the VAE: what lies under a black mask cannot change the LoRA."""
-    image = open_image(item.image)
-    if item.mask is None:
+def grey_out(image: Image.Image, mask: Image.Image | None) -> Image.Image:
+    """The picture with its masked-out pixels (mask 0) made mid-grey before any resizing, so nothing of them
+    reaches the VAE: what lies under a black mask cannot change the LoRA."""
+    if mask is None:
         return image
     grey = Image.new("RGB", image.size, (128, 128, 128))
-    keep = open_mask(item.mask).point(lambda value: 255 if value else 0)
-    return Image.composite(image, grey, keep)
+    return Image.composite(image, grey, mask.point(lambda value: 255 if value else 0))
 
 
 def check_images(items: Iterable[Item]) -> None:

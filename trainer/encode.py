@@ -13,9 +13,8 @@ import torch
 from PIL import Image
 
 from .cache import FileHashes, TensorCache, fingerprint, sha256_file
-from .captions import encodes_every_step
 from .config import RunConfig
-from .data import Framing, Item, bucket_for, flip, open_mask, open_masked, prepare_framed, prepare_mask
+from .data import Framing, Item, bucket_for, flip, grey_out, open_image, open_mask, prepare_framed, prepare_mask
 from .families import Components, ModelFamily
 from .schedule import derive_seed
 
@@ -57,7 +56,8 @@ def encode_dataset(
     encode_text = not captions_encoded_every_step(cfg, family)
     encoded, hits = [], 0
     for index, item in enumerate(items):
-        image = open_masked(item)
+        mask = open_mask(item.mask) if item.mask is not None else None  # read once: greying and loss weights
+        image = grey_out(open_image(item.image), mask)
         bucket = bucket_for(image.width, image.height, data)
         image_digest = sha256_file(item.image)
         crop_rng = random.Random(derive_seed(cfg.train.seed, int(_crop_digest(item, image, image_digest)[:15], 16)))
@@ -74,8 +74,8 @@ def encode_dataset(
             cached["framing"] = framing.as_tensor()
             if data.random_flip:
                 cached["framing_flipped"] = framing.flipped().as_tensor()
-            if item.mask is not None:
-                cached |= _mask_weights(item.mask, framing, tuple(cached["plain"].shape[-2:]), data.random_flip)
+            if mask is not None:
+                cached |= _mask_weights(mask, framing, tuple(cached["plain"].shape[-2:]), data.random_flip)
             latents_cache.put(key, cached)
         else:
             hits += 1
@@ -95,14 +95,15 @@ def _crop_digest(item: Item, image: Image.Image, image_digest: str) -> str:
     return hashlib.sha256(image.tobytes()).hexdigest()
 
 
-def _mask_weights(path: str, framing: Framing, latent_size: tuple[int, int], flipped: bool) -> dict:
-    weights = prepare_mask(open_mask(path), framing, latent_size)
+def _mask_weights(mask: Image.Image, framing: Framing, latent_size: tuple[int, int], flipped: bool) -> dict:
+    weights = prepare_mask(mask, framing, latent_size)
     return {"mask": weights} | ({"mask_flipped": flip(weights)} if flipped else {})
 
 
 def captions_encoded_every_step(cfg: RunConfig, family: ModelFamily) -> bool:
-    """A text encoder that trains, or captions whose tags are shuffled, need encoding at every step."""
-    return bool(family.trained_text_encoders(cfg.lora)) or encodes_every_step(cfg.data)
+    """A text encoder that trains, or captions whose tags are shuffled, need encoding at every step (a shuffled
+    caption is new nearly every step: a cache of its variants would not be read again)."""
+    return bool(family.trained_text_encoders(cfg.lora)) or cfg.data.shuffle_tags
 
 
 def empty_caption_encoding(

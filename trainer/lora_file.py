@@ -17,7 +17,7 @@ import io
 import json
 import os
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path, PureWindowsPath
 from typing import Any, BinaryIO
@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from .adapters import adapter_layers, layer_tensors, network_metadata
+from .captions import kept_tags
 from .config import DataConfig, RunConfig
 from .families.base import ModelFamily
 
@@ -55,7 +56,7 @@ def kohya_state_dict(
     tensors: dict[str, torch.Tensor] = {}
     for prefix, model in parts.items():
         _check_init(model, prefix, adapter)
-        layers = list(lora_layers(model, adapter))
+        layers = list(adapter_layers(model, adapter))
         if not layers:
             raise ValueError(f"no LoRA layers (adapter {adapter!r}) found in {prefix}")
         for path, layer in layers:
@@ -78,11 +79,6 @@ def _check_init(model: torch.nn.Module, part: str, adapter: str) -> None:
             f"the {part} LoRA was initialized with {init!r}, which changes the base weights; "
             "a kohya LoRA file of it would need the initial A/B too (rank 2r), which is not supported"
         )
-
-
-def lora_layers(model: torch.nn.Module, adapter: str) -> Iterator[tuple[str, Any]]:
-    """(module path, peft layer) of every LoRA, LoHa or LoKr layer holding `adapter`."""
-    return adapter_layers(model, adapter)
 
 
 def _layer_tensors(
@@ -337,7 +333,7 @@ def _kohya_dataset(
         "ss_flip_aug": d.random_flip,
         "ss_random_crop": d.crop == "random",
         "ss_shuffle_caption": d.shuffle_tags,
-        "ss_keep_tokens": d.keep_tags + (1 if d.trigger_word.strip() else 0),  # kohya counts the trigger word
+        "ss_keep_tokens": kept_tags(d),
         "ss_caption_dropout_rate": d.caption_dropout,
         "ss_tag_frequency": json.dumps(tag_frequency, ensure_ascii=False),
         # kohya's {image dir name: {"n_repeats", "img_count"}}; img_count does not count repeats

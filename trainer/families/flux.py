@@ -208,9 +208,8 @@ class FluxFamily(ModelFamily):
     def dora_scale_rows(self, prefix: str, module_path: str, scale: torch.Tensor) -> torch.Tensor:
         # diffusers' norm_out.linear holds (scale, shift) and BFL's final adaLN (shift, scale): ComfyUI swaps the
         # delta's halves but divides the weight it swapped by the dora_scale as written
-        if prefix == DENOISER and module_path == "norm_out.linear":
-            scale_rows, shift_rows = scale.chunk(2)
-            return torch.cat([shift_rows, scale_rows])
+        if prefix == DENOISER and module_path == flux_layout.DIFFUSERS_FINAL_MODULATION:
+            return flux_layout.swap_halves(scale)
         return scale
 
     def kohya_name(self, prefix: str, model: torch.nn.Module, module_path: str) -> str:

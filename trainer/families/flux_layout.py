@@ -44,6 +44,7 @@ _TOP_RENAMES = {
     "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
 }
 FINAL_MODULATION = "final_layer.adaLN_modulation.1"
+DIFFUSERS_FINAL_MODULATION = "norm_out.linear"  # the same layer, its rows' two halves swapped (swap_halves)
 
 
 def strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -114,8 +115,7 @@ def to_diffusers(bfl: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 continue
             renamed = _SINGLE_RENAMES.get(part)
         elif stem == FINAL_MODULATION:
-            shift, scale = tensor.chunk(2)
-            out[f"norm_out.linear.{kind}"] = torch.cat([scale, shift])
+            out[f"{DIFFUSERS_FINAL_MODULATION}.{kind}"] = swap_halves(tensor)
             continue
         else:
             block, renamed = "", _TOP_RENAMES.get(stem)
@@ -127,3 +127,9 @@ def to_diffusers(bfl: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise ValueError(f"FLUX transformer tensors FLUX.1 does not have: {', '.join(sorted(unknown)[:5])}"
                          f"{' ...' if len(unknown) > 5 else ''}")
     return out
+
+
+def swap_halves(rows: torch.Tensor) -> torch.Tensor:
+    """BFL's final adaLN (shift, scale) as diffusers' norm_out.linear (scale, shift), and back."""
+    first, second = rows.chunk(2)
+    return torch.cat([second, first])
