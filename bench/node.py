@@ -42,7 +42,7 @@ class LauncherWatch(threading.Thread):
         while not self.stopping.is_set():
             for child in self.server.child_processes():
                 try:
-                    if "accelerate.commands.launch" in " ".join(child.cmdline()):
+                    if any(arg.endswith("launcher.py") for arg in child.cmdline()):  # nodes/launch.py LAUNCHER_PY
                         self.created = self.created or time.time()
                         self.last_seen = time.time()
                 except psutil.Error:

@@ -37,7 +37,7 @@ def trainer_config(spec: Spec, run_dir: Path, max_steps: int) -> dict[str, Any]:
 
 def launch_argv(config_path: Path) -> list[str]:
     """The argv nodes/launch.py builds for one process without an accelerate config file."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no",
+    return [sys.executable, str(RUN_PY.parent / "launcher.py"), "--dynamo_backend", "no", "--num_machines", "1",
             "--num_processes", "1", str(RUN_PY), "--config", str(config_path)]
 
 

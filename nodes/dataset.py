@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,16 @@ from comfy_api.latest import io
 
 from ..trainer.cache import fingerprint, sha256_file
 from ..trainer.config import DataConfig
-from ..trainer.data import MASK_SUFFIX, DataError, Item, check_images, open_image, scan_folder, write_manifest
+from ..trainer.data import (
+    MASK_SUFFIX,
+    DataError,
+    Item,
+    check_images,
+    list_dataset_files,
+    open_image,
+    scan_folder,
+    write_manifest,
+)
 from ..trainer.families import family_resolutions
 from . import paths
 from .api_features import advanced
@@ -36,8 +46,10 @@ def file_stamp(path: str | Path) -> list[int]:
 
 
 def folder_fingerprint(folder: Path) -> str:
-    """Names and stamps of every file: any change makes the node run again."""
-    entries = sorted((p.name, file_stamp(p)) for p in folder.iterdir() if p.is_file())
+    """Names and stamps of every file the scan reads: any change makes the node run again. Hidden and system files
+    are left out, so Finder rewriting .DS_Store does not run the node (and the training after it) again."""
+    files, _ = list_dataset_files(folder)
+    entries = [(p.name, file_stamp(p)) for p in files]
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
@@ -227,6 +239,19 @@ def dataset_value(items: list[Item], name: str, settings: dict, warnings: list[s
     }
 
 
+def show_warnings(warnings: list[str], node_id: str | None) -> dict:
+    """Make the dataset's warnings seen: each goes to ComfyUI's console log (logging.warning), all of them to the
+    node's progress text in the graph when the node id is known; the returned UI output puts them in the prompt's
+    history too (outputs[node id]["warnings"]), for a user of the API."""
+    for message in warnings:
+        logging.warning("LoRA Foundry Dataset: %s", message)
+    if warnings and node_id is not None:
+        from server import PromptServer
+
+        PromptServer.instance.send_progress_text("\n".join(f"warning: {m}" for m in warnings), node_id)
+    return {"warnings": warnings}
+
+
 class LoraFoundryDataset(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -356,6 +381,7 @@ class LoraFoundryDataset(io.ComfyNode):
                 io.Image.Output(display_name="preview"),
                 io.Int.Output(display_name="count"),
             ],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -363,7 +389,7 @@ class LoraFoundryDataset(io.ComfyNode):
         if first(source) == "folder":
             try:
                 return folder_fingerprint(paths.resolve_dataset_folder(first(folder)))
-            except (paths.PathError, OSError):
+            except (paths.PathError, DataError, OSError):
                 return ""
         return ""
 
@@ -388,4 +414,5 @@ class LoraFoundryDataset(io.ComfyNode):
                     "bucketing": first(bucketing), "top_rows": 0, "repeats": first(repeats)}
         settings |= caption_settings(first(trigger_word) or "", first(caption_dropout) or 0.0,
                                      bool(first(shuffle_tags)), first(keep_tags) or 0)
-        return io.NodeOutput(dataset_value(items, name, settings, warnings), preview(items), len(items))
+        ui = show_warnings(warnings, cls.hidden.unique_id)
+        return io.NodeOutput(dataset_value(items, name, settings, warnings), preview(items), len(items), ui=ui)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -59,28 +60,76 @@ def _fit(image: Image.Image, cell: int) -> Image.Image:
     return image.resize(size, Image.Resampling.LANCZOS)
 
 
+# Characters that are among the narrowest of any font: with half the narrowest of them as the smallest glyph width,
+# no line of a given width can hold more characters than `character_limit` says (room for kerning, hair spaces).
+NARROW_CHARACTERS = " .,:;'|!iljI"
+WORD = re.compile(r"[^ ]+")  # only plain spaces break a line
+INK = re.compile(r"\S")  # what str.strip() would not remove
+
+
+def character_limit(face: Font, width: float) -> int:
+    """More characters than a line `width` pixels wide can show: a longer text is cut without measuring it all."""
+    narrowest = min(text_width(character, face) for character in NARROW_CHARACTERS)
+    return math.floor(max(width, 0) / max(narrowest / 2, 0.5)) + 1
+
+
+def _fits(text: str, face: Font, width: float, limit: int) -> bool:
+    # the length test first: measuring a huge text is slow, and Pillow refuses a million characters
+    return len(text) <= limit and text_width(text, face) <= width
+
+
+def _ellipsis_point(text: str, face: Font, width: float) -> int:
+    """How many leading characters of `text` still fit in `width` with an ellipsis after them (0 when none do)."""
+    low, high = 0, len(text)  # the answer lies in [low, high]
+    while low < high:
+        middle = (low + high + 1) // 2
+        if text_width(text[:middle] + "…", face) <= width:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def _cut_to_fit(text: str, face: Font, width: float, limit: int) -> str:
+    if _fits(text, face, width, limit):
+        return text
+    shown = text[:limit]
+    return shown[: _ellipsis_point(shown, face, width)] + "…"
+
+
 def _shorten(text: str, face: Font, width: float) -> str:
     """`text`, cut and ended with an ellipsis where it is wider than `width`."""
-    if text_width(text, face) <= width:
-        return text
-    while text and text_width(text + "…", face) > width:
-        text = text[:-1]
-    return text + "…"
+    return _cut_to_fit(text, face, width, character_limit(face, width))
+
+
+def _words(text: str, longest: int) -> Iterator[str]:
+    """The words between plain spaces that show something, each cut to `longest` characters, NBSP as a space."""
+    for match in WORD.finditer(text):
+        start, end = match.span()
+        if INK.search(text, start, end):
+            yield text[start : min(end, start + longest)].replace(NO_BREAK_SPACE, " ")
 
 
 def wrap(text: str, face: Font, width: float, max_lines: int) -> list[str]:
-    """Lines of whole words no wider than `width` (a longer word is cut); the last line ends in … when cut."""
+    """Lines of whole words no wider than `width` (a longer word is cut); the last line ends in … when cut.
+
+    Only the first `max_lines` lines are laid out and no word is measured past what a line can show, so the work
+    is bounded whatever the length of `text`."""
+    limit = character_limit(face, width)
     lines: list[str] = []
-    # only plain spaces break a line: "step\u00a0400" stays whole, drawn with a plain space (the font has no NBSP)
-    for word in (w.replace(NO_BREAK_SPACE, " ") for w in text.split(" ") if w.strip()):
+    # only plain spaces break a line: "step\u00a0400" stays whole, drawn with a plain space (the font has no NBSP);
+    # a word one character longer than `limit` is known not to fit, so that is all of it ever looked at
+    for word in _words(text, limit + 1):
         candidate = f"{lines[-1]} {word}" if lines else word
-        if lines and text_width(candidate, face) <= width:
+        if lines and _fits(candidate, face, width, limit):
             lines[-1] = candidate
         else:
-            lines.append(_shorten(word, face, width))
+            lines.append(_cut_to_fit(word, face, width, limit))
+        if len(lines) > max_lines:  # a line past the last shown: the rest of the text is left out
+            break
     if len(lines) > max_lines:
         lines = lines[:max_lines]
-        lines[-1] = _shorten(lines[-1] + "…", face, width) if not lines[-1].endswith("…") else lines[-1]
+        lines[-1] = lines[-1] if lines[-1].endswith("…") else _cut_to_fit(lines[-1] + "…", face, width, limit)
     return lines
 
 
@@ -218,6 +267,10 @@ def loss_curve(steps: list[int], losses: list[float], smoothed: list[float], tit
     draw.text((box[0], 10), _shorten(title or "training loss", title_font, box[2] - box[0]), fill=FOREGROUND,
               font=title_font)
     draw_legend(draw, box[2], 38)
+    # a run stopped by the non-finite guard, or an older events log, can hold NaN or infinite losses: the
+    # finite ones are drawn
+    kept = [(s, v, m) for s, v, m in zip(steps, losses, smoothed, strict=True) if math.isfinite(v + m)]
+    steps, losses, smoothed = ([list(column) for column in zip(*kept, strict=True)] if kept else ([], [], []))
     if not steps:
         plot = Plot(box, (0, 1), (0, 1))
         draw_axes(image, plot, [], [])

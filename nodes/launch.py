@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..trainer.events import EventReader, file_size
+from ..trainer.run_lock import run_folder_busy
 from ..trainer.stop import PARENT_PID_ENV, clear_stop, request_stop
 from . import processes
 
 RUN_PY = Path(__file__).resolve().parent.parent / "trainer" / "run.py"
+LAUNCHER_PY = RUN_PY.parent / "launcher.py"  # accelerate launch, ended when ComfyUI is gone
 POLL_S = 0.2
 # A stop waits for the trainer to finish the unit of work under way and save: STOP_FLOOR_S covers the short
 # units (a cache item, a sampling step, a checkpoint save; killing a model load loses nothing), and
@@ -25,7 +27,14 @@ POLL_S = 0.2
 STOP_FLOOR_S = 15.0
 STOP_STEP_FACTOR = 3.0
 UNTIMED_STEP_S = 15.0
+# Before its first event a trainer is still starting (a launcher in the rendezvous, a rank importing torch):
+# nothing to save, and the ranks end themselves at once on a stop (trainer/stop.py); only a launcher blocked
+# in the rendezvous is left for the kill.
+UNHEARD_GRACE_S = 3.0
 LOG_READ_BYTES = 64 * 1024
+# An earlier trainer of the same run (ComfyUI restarted while it ran) has seen its parent go and is saving: it is
+# given this long to end before the node gives up (it is not killed: it may not be ours to kill)
+BUSY_WAIT_S = 180.0
 _GPU_IDS = re.compile(r"^\d+(,\d+)*$")
 # How the launcher reports a worker that got SIGKILL: accelerate's simple launcher re-raises the
 # CalledProcessError ("died with <Signals.SIGKILL: 9>.") and exits 1; torch elastic (--multi_gpu) prints
@@ -50,13 +59,16 @@ def parse_gpu_ids(text: str) -> str | None:
 
 
 def launch_argv(config_path: Path, num_processes: int, accelerate_config: Path | None) -> list[str]:
-    argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no"]
+    """`accelerate launch` of the trainer: one machine with `num_processes`, or, with an accelerate config file,
+    what that file says (machines, processes, this machine's rank, the main machine's address): a flag on the
+    command line would override the file's value."""
+    argv = [sys.executable, str(LAUNCHER_PY), "--dynamo_backend", "no"]
     if accelerate_config is not None:
         argv += ["--config_file", str(accelerate_config)]
-    if num_processes > 1:
-        argv += ["--multi_gpu", "--num_processes", str(int(num_processes))]
+    elif num_processes > 1:
+        argv += ["--num_machines", "1", "--multi_gpu", "--num_processes", str(int(num_processes))]
     else:
-        argv += ["--num_processes", "1"]
+        argv += ["--num_machines", "1", "--num_processes", "1"]
     return argv + [str(RUN_PY), "--config", str(config_path)]
 
 
@@ -72,9 +84,11 @@ class Seen:
     error: dict | None = None
     cancelled: dict | None = None
     clock: float | None = None  # time of the last event after which a step begins
+    heard: bool = False  # any event of this attempt: until then it is launching, and has nothing to save
 
     def add(self, event: dict) -> None:
         kind, at = event.get("type"), event.get("time")
+        self.heard = True
         if kind == "step":
             self.step = event.get("step", self.step)
             if isinstance(at, (int, float)) and self.clock is not None:
@@ -94,6 +108,8 @@ class Seen:
             self.clock = at
 
     def grace_s(self) -> float:
+        if not self.heard:
+            return UNHEARD_GRACE_S
         step = self.longest_step_s
         if step is None:
             step = UNTIMED_STEP_S if self.training else 0.0  # before `start`: loading and caching, short units
@@ -122,7 +138,8 @@ def killed_by_system(code: int, log: str) -> bool:
     Windows has no SIGKILL, and no out-of-memory killer: an allocation fails there and the trainer says so.
     """
     sigkill = getattr(signal, "SIGKILL", None)  # POSIX only
-    return (sigkill is not None and code == -sigkill) or bool(_SIGKILL_IN_LOG.search(log))
+    # -9: the launcher itself; 128+9: a rank, as trainer/launcher.py passes its end on
+    return (sigkill is not None and code in (-sigkill, 128 + sigkill)) or bool(_SIGKILL_IN_LOG.search(log))
 
 
 def stop_reason(cancelled: dict) -> str:
@@ -222,6 +239,25 @@ class TrainerProcess:
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.attempt_log().splitlines()[-lines:])
+
+
+def wait_for_run_folder(run_dir: Path, interrupted: Callable[[], bool], on_event: Callable[[dict], None],
+                        timeout: float = BUSY_WAIT_S) -> bool:
+    """Wait while another trainer holds `run_dir` (trainer/run_lock.py). False when interrupted meanwhile;
+    TrainerFailed when it is still there after `timeout`."""
+    if not run_folder_busy(run_dir):
+        return True
+    on_event({"type": "waiting", "run_dir": str(run_dir)})
+    deadline = time.monotonic() + timeout
+    while run_folder_busy(run_dir):
+        if interrupted():
+            return False
+        if time.monotonic() > deadline:
+            raise TrainerFailed(f"another trainer is still running in {run_dir} after {timeout:.0f} s (started "
+                                "outside this ComfyUI, or not stopping): wait for it, or stop it by creating "
+                                f"{run_dir / 'stop'}")
+        time.sleep(POLL_S)
+    return True
 
 
 def follow(trainer: TrainerProcess, on_event: Callable[[dict], None], interrupted: Callable[[], bool]) -> bool:

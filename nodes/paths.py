@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import folder_paths
 
+from ..trainer.names import output_stem_problem
+
 PACK_DIR = "lora-foundry"
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
 
 
 class PathError(ValueError):
@@ -131,15 +131,18 @@ def resolve_listed(folder: str, name: str, what: str) -> Path:
 
 
 def safe_output_name(name: str) -> str:
-    """A plain file stem: no folders, no '..', nothing a shell or a file system treats specially."""
-    stem = name.strip()
-    if stem.lower().endswith(".safetensors"):
-        stem = stem[: -len(".safetensors")]
-    if not stem or "/" in stem or "\\" in stem or ".." in stem or stem.startswith("."):
-        raise PathError(f"output name {name!r}: give a plain name, without folders, '..' or a leading dot")
-    cleaned = _SAFE_NAME.sub("_", stem)
-    if cleaned != stem:
-        raise PathError(f"output name {name!r}: use letters, digits, spaces, '.', '_' and '-' only")
+    """The output name as typed, as a file stem every OS stores unchanged; a typed ".safetensors" is dropped.
+
+    Nothing else is changed: surrounding white space is refused rather than stripped, so the LoRA file is
+    named exactly what the widget shows (a space the user did not see would otherwise decide the name, and
+    Windows would drop a trailing one anyway). Letters and digits of any script are fine.
+    """
+    stem = name[: -len(".safetensors")] if name.lower().endswith(".safetensors") else name
+    problem = output_stem_problem(stem)
+    if problem is None and stem != stem.strip():
+        problem = "starts or ends with white space, which is easy to miss in the name; remove it"
+    if problem:
+        raise PathError(f"output name {name!r}: {problem}")
     return stem
 
 

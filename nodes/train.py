@@ -28,11 +28,12 @@ from ..trainer.config import (
 from ..trainer.events import read_events
 from ..trainer.families import TRAINED_NAMES, detect_family, get_family
 from ..trainer.identity import run_identity
+from ..trainer.preflight import launch_problems, output_problems
 from . import paths
 from .api_features import advanced, search_aliases
 from .dataset import Dataset
 from .images import loss_curve, to_image_batch
-from .launch import TrainerProcess, follow, launch_argv, parse_gpu_ids
+from .launch import TrainerProcess, follow, launch_argv, parse_gpu_ids, wait_for_run_folder
 from .lora_config import LoraConfigType
 
 NO_ACCELERATE_CONFIG = "none"
@@ -112,6 +113,8 @@ def format_seconds(seconds: float) -> str:
 
 def progress_text(event: dict) -> str | None:
     kind = event["type"]
+    if kind == "waiting":
+        return "waiting for the earlier trainer of this run to end (it is saving its checkpoint)"
     if kind == "loading":
         return f"loading the {event['family']} base model" if event.get("family") else "loading the base model"
     if kind == "cache":
@@ -252,6 +255,23 @@ def write_run_folder(cfg: RunConfig, accelerate_config: Path | None) -> tuple[Pa
     return config_path, copy
 
 
+def require_launchable(cfg: RunConfig, num_processes: int, visible_gpus: str | None,
+                       accelerate_config: Path | None) -> None:
+    """Everything that would fail the run after it started, checked before anything is written or launched."""
+    import torch
+
+    has_mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    problems = output_problems(Path(cfg.output.lora_path), Path(cfg.run_dir))
+    if accelerate_config is None:
+        problems += launch_problems(num_processes, cfg.train.device, visible_gpus, torch.cuda.device_count(),
+                                    has_mps)
+    elif num_processes != 1:
+        problems.append(f"num_processes {num_processes}: with an accelerate config the file sets the processes "
+                        "(its num_processes, over all machines); leave num_processes at 1")
+    if problems:
+        raise ValueError("\n".join(problems))
+
+
 def run_training(cfg: RunConfig, num_processes: int, gpu_ids: str, accelerate_config: str,
           node_id: str | None) -> io.NodeOutput:
     """Train (or continue, or reuse) the run of `cfg` and return the node's outputs."""
@@ -269,12 +289,16 @@ def run_training(cfg: RunConfig, num_processes: int, gpu_ids: str, accelerate_co
     elif existing is Existing.FOREIGN and not cfg.output.overwrite:
         raise ValueError(f"{lora} exists and was not made by this graph; turn on overwrite or change "
                          "output_name")
+    require_launchable(cfg, num_processes, visible_gpus, chosen_config)
+    progress, interrupted = Progress(node_id), comfy.model_management.processing_interrupted
+    if not wait_for_run_folder(run_dir, interrupted, progress):
+        comfy.model_management.throw_exception_if_processing_interrupted()
     config_path, accelerate_copy = write_run_folder(cfg, chosen_config)
 
     comfy.model_management.unload_all_models()
     comfy.model_management.soft_empty_cache()
     process = TrainerProcess(launch_argv(config_path, num_processes, accelerate_copy), run_dir, visible_gpus)
-    finished = follow(process, Progress(node_id), comfy.model_management.processing_interrupted)
+    finished = follow(process, progress, interrupted)
     if not finished:
         comfy.model_management.throw_exception_if_processing_interrupted()
     return outputs(cfg, lora, read_record(run_dir / "events.jsonl"), title)
@@ -466,7 +490,8 @@ class LoraFoundryTrain(io.ComfyNode):
                     default=1,
                     min=1,
                     max=64,
-                    tooltip="Training processes (one per GPU); the batch is per process",
+                    tooltip="Training processes (one per GPU, at most the GPUs there are; on the CPU the cores); the "
+                    "batch is per process. With an accelerate config the file sets them: leave 1",
                     **advanced(),
                 ),
                 io.String.Input(

@@ -1,4 +1,5 @@
-"""Draws the sample dataset: 8 small captioned pictures of coloured shapes, made by this code alone.
+"""Draws the sample datasets, made by this code alone: 8 small captioned pictures of coloured shapes, and 4 solid
+reds (what the demo trains on a random-weight base, where a LoRA's effect shows most plainly).
 
     python scripts/make_sample_dataset.py DEST_FOLDER
 
@@ -8,6 +9,7 @@ Writes DEST/NAME.png + DEST/NAME.txt; existing files are left as they are.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -28,16 +30,34 @@ def draw_shape(shape: str, color: tuple[int, int, int], size: int = SIZE) -> Ima
     return image
 
 
+def write_once(png: Path, txt: Path, draw: Callable[[], Image.Image], caption: str) -> None:
+    if not png.exists():
+        draw().save(png)
+    if not txt.exists():
+        txt.write_text(caption + "\n", encoding="utf-8")
+
+
+# four shades of one red: one colour pulls a random-weight base's samples far more plainly than four would
+SOLID_REDS = {"red-1": (210, 40, 40), "red-2": (200, 50, 45), "red-3": (220, 35, 50), "red-4": (190, 45, 35)}
+
+
+def make_solid_dataset(dest: Path) -> Path:
+    """Four pictures of one solid colour each: a random-weight base learns them within minutes on a CPU."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, color in SOLID_REDS.items():
+        write_once(dest / f"{name}.png", dest / f"{name}.txt",
+                   lambda color=color: Image.new("RGB", (SIZE, SIZE), color), "lfstyle, solid red")
+    return dest
+
+
 def make_sample_dataset(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for color_name, color in COLORS.items():
         for shape in SHAPES:
             stem = f"{color_name}_{shape}"
-            png, txt = dest / f"{stem}.png", dest / f"{stem}.txt"
-            if not png.exists():
-                draw_shape(shape, color).save(png)
-            if not txt.exists():
-                txt.write_text(f"lfstyle, a {color_name} {shape}, flat colour, thick outline\n", encoding="utf-8")
+            write_once(dest / f"{stem}.png", dest / f"{stem}.txt",
+                       lambda shape=shape, color=color: draw_shape(shape, color),
+                       f"lfstyle, a {color_name} {shape}, flat colour, thick outline")
     return dest
 
 

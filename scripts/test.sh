@@ -14,8 +14,8 @@ cd "$ROOT"
 DEFAULT_VERSION="0.3.75"
 SECOND_VERSION="0.33.0"
 # what runs again on the second ComfyUI: every test that talks to a server or runs ComfyUI's loaders, the
-# browser's slow runs left out
-SERVER_SIDE="(comfy_server or comfy_code) and not (browser and slow)"
+# browser's slow runs and the long runs marked first_comfyui_only left out
+SERVER_SIDE="(comfy_server or comfy_code) and not (browser and slow) and not first_comfyui_only"
 
 chosen=""
 if [ "${1:-}" = "--comfyui" ]; then

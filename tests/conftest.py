@@ -258,6 +258,9 @@ def pytest_configure(config: pytest.Config) -> None:  # noqa: F811 - extends the
     config.addinivalue_line("markers", "comfy_server: uses the session's real ComfyUI server (comfy_server fixture)")
     config.addinivalue_line("markers", "browser: drives the real ComfyUI frontend in headless Chromium")
     config.addinivalue_line("markers", "comfy_code: runs ComfyUI's own loaders in a probe subprocess")
+    config.addinivalue_line("markers", "first_comfyui_only: a long run on the server whose outcome does not depend "
+                            "on ComfyUI's version beyond what the other server tests check there; "
+                            "scripts/test.sh runs it on the default ComfyUI only")
 
 
 _STARTED_SERVERS: list = []  # the session's server once started, so a module can pause it (whole_machine)

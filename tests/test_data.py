@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import random
 from pathlib import Path
@@ -75,7 +76,9 @@ def test_folder_with_txt_captions(tmp_path: Path) -> None:
     assert names(items) == ["C.WEBP", "a.png", "b.jpg"]
     assert [item.caption for item in items] == ["shouting", "a red square", "photo of b"]
     assert all(Path(item.image).is_absolute() for item in items)
-    assert warnings == []
+    assert warnings == [
+        f"1 subfolder was not read (only pictures directly in the folder {tmp_path.name}): sub/ (1 picture)"
+    ]
 
 
 def test_metadata_jsonl_picks_columns_by_name(tmp_path: Path) -> None:
@@ -171,6 +174,282 @@ def test_folder_without_images_error_names_the_folder(tmp_path: Path) -> None:
     (folder / "a.txt").write_text("caption without an image", encoding="utf-8")
     with pytest.raises(DataError, match="only_text.*no images"):
         scan_folder(folder)
+
+
+APPLE_DOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        \x00\x02"  # what macOS writes as ._NAME
+
+
+def test_hidden_and_system_files_are_skipped_with_one_warning(tmp_path: Path) -> None:
+    draw(tmp_path / "a.png")
+    draw(tmp_path / "b.png", color=BLUE)
+    (tmp_path / "a.txt").write_text("a red square", encoding="utf-8")
+    (tmp_path / "._a.png").write_bytes(APPLE_DOUBLE)
+    (tmp_path / "._a.txt").write_bytes(APPLE_DOUBLE)
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (tmp_path / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (tmp_path / "DESKTOP.INI").write_text("[.ShellClassInfo]\n", encoding="utf-8")
+
+    items, warnings = scan_folder(tmp_path)
+    check_images(items)  # the real pictures open: nothing here is "not an image"
+
+    assert names(items) == ["a.png", "b.png"]
+    assert [i.caption for i in items] == ["a red square", ""]
+    skipped = [w for w in warnings if "hidden or system" in w]
+    assert skipped == ["skipped 5 hidden or system files (.DS_Store, ._a.png, ._a.txt and 2 more)"]
+    trained, trainer_warnings = load_items(DataConfig(folder=str(tmp_path)))
+    assert names(trained) == ["a.png", "b.png"] and skipped[0] in trainer_warnings
+
+
+def test_one_skipped_file_is_named_in_the_warning(tmp_path: Path) -> None:
+    draw(tmp_path / "a.png")
+    (tmp_path / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+
+    _, warnings = scan_folder(tmp_path)
+
+    assert warnings == ["skipped 1 hidden or system file (Thumbs.db)", *warnings[1:]]
+
+
+def test_folder_of_only_hidden_files_says_it_has_no_images(tmp_path: Path) -> None:
+    folder = tmp_path / "copied_from_a_mac"
+    folder.mkdir()
+    (folder / "._a.png").write_bytes(APPLE_DOUBLE)
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+
+    with pytest.raises(DataError, match=r"copied_from_a_mac: no images \(only hidden or system files: "
+                                        r"\.DS_Store, \._a\.png\)"):
+        scan_folder(folder)
+
+
+CAPTION = "café au lait, 猫 🐱"
+
+
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        CAPTION.encode("utf-16"),  # with a BOM, as Windows Notepad's "Unicode" saves
+        codecs.BOM_UTF16_LE + CAPTION.encode("utf-16-le"),
+        codecs.BOM_UTF16_BE + CAPTION.encode("utf-16-be"),
+        CAPTION.encode("utf-8-sig"),
+    ],
+    ids=["utf-16", "utf-16-le-bom", "utf-16-be-bom", "utf-8-bom"],
+)
+def test_captions_with_a_bom_read_as_plain_utf8(tmp_path: Path, encoded: bytes) -> None:
+    draw(tmp_path / "plain.png")
+    draw(tmp_path / "saved.png")
+    (tmp_path / "plain.txt").write_text(CAPTION + "\n", encoding="utf-8")
+    (tmp_path / "saved.txt").write_bytes(encoded)
+
+    items, _ = scan_folder(tmp_path)
+
+    assert [i.caption for i in items] == [CAPTION, CAPTION]
+
+
+def test_captions_in_other_encodings_are_refused_naming_every_file(tmp_path: Path) -> None:
+    for name in ("ansi", "bomless", "fine"):
+        draw(tmp_path / f"{name}.png")
+    (tmp_path / "ansi.txt").write_bytes("café".encode("cp1252"))  # b"caf\xe9": not UTF-8
+    (tmp_path / "bomless.txt").write_bytes("a cat".encode("utf-16-le"))  # UTF-16 without its BOM
+    (tmp_path / "fine.txt").write_text("café", encoding="utf-8")
+
+    with pytest.raises(DataError) as caught:
+        scan_folder(tmp_path)
+
+    problems = caught.value.problems
+    assert len(problems) == 2
+    assert str(tmp_path / "ansi.txt") in problems[0] and "not UTF-8 or UTF-16" in problems[0]
+    assert str(tmp_path / "bomless.txt") in problems[1] and "not UTF-8 or UTF-16" in problems[1]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-8-sig", "utf-8"])
+def test_metadata_jsonl_in_utf16_or_utf8_is_read(tmp_path: Path, encoding: str) -> None:
+    draw(tmp_path / "a.png")
+    row = {"file_name": "a.png", "text": CAPTION}
+    (tmp_path / "metadata.jsonl").write_bytes((json.dumps(row, ensure_ascii=False) + "\n").encode(encoding))
+
+    items, _ = scan_folder(tmp_path)
+
+    assert [i.caption for i in items] == [CAPTION]
+
+
+def test_metadata_csv_in_utf16_is_read(tmp_path: Path) -> None:
+    draw(tmp_path / "a.png")
+    (tmp_path / "metadata.csv").write_bytes(f'file_name,text\na.png,"{CAPTION}"\n'.encode("utf-16"))
+
+    items, _ = scan_folder(tmp_path)
+
+    assert [i.caption for i in items] == [CAPTION]
+
+
+@pytest.mark.parametrize("name", ["metadata.jsonl", "metadata.csv"])
+def test_metadata_in_another_encoding_is_refused_naming_the_file(tmp_path: Path, name: str) -> None:
+    draw(tmp_path / "a.png")
+    text = '{"file_name": "a.png", "text": "café"}\n' if name.endswith("jsonl") else "file_name,text\na.png,café\n"
+    (tmp_path / name).write_bytes(text.encode("cp1252"))
+
+    with pytest.raises(DataError) as caught:
+        scan_folder(tmp_path)
+
+    (problem,) = caught.value.problems
+    assert str(tmp_path / name) in problem and "not UTF-8 or UTF-16" in problem
+
+
+# -------------------------------------------------------------------------------- subfolders, bad metadata
+
+
+def test_pictures_in_subfolders_are_not_read_but_named_in_one_warning(tmp_path: Path) -> None:
+    folder = tmp_path / "train"
+    (folder / "hands" / "left").mkdir(parents=True)
+    (folder / "extra").mkdir()
+    (folder / "notes").mkdir()  # no pictures: not worth a word
+    draw(folder / "a.png")
+    draw(folder / "b.png")
+    for name in ("1.png", "2.jpg"):
+        draw(folder / "hands" / name)
+    draw(folder / "hands" / "left" / "3.png")  # counted: the count looks into nested folders
+    draw(folder / "extra" / "4.png")
+    (folder / "notes" / "todo.txt").write_text("caption more", encoding="utf-8")
+    (folder / "a.txt").write_text("a", encoding="utf-8")
+    (folder / "b.txt").write_text("b", encoding="utf-8")
+
+    items, warnings = scan_folder(folder)
+
+    assert names(items) == ["a.png", "b.png"]
+    expected = ("2 subfolders were not read (only pictures directly in the folder train): "
+                "hands/ (3 pictures), extra/ (1 picture)")
+    assert warnings == [expected]
+    assert expected in load_items(DataConfig(folder=str(folder)))[1]
+
+
+def test_many_subfolders_are_named_a_few_then_counted(tmp_path: Path) -> None:
+    draw(tmp_path / "a.png")
+    for name in ("p", "q", "r", "s", "t"):
+        (tmp_path / name).mkdir()
+        draw(tmp_path / name / "x.png")
+
+    _, warnings = scan_folder(tmp_path)
+
+    assert [w for w in warnings if "subfolders" in w] == [
+        f"5 subfolders were not read (only pictures directly in the folder {tmp_path.name}): "
+        "p/ (1 picture), q/ (1 picture), r/ (1 picture) and 2 more"
+    ]
+
+
+def test_hidden_subfolders_are_not_named(tmp_path: Path) -> None:
+    draw(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a", encoding="utf-8")
+    for hidden in (".ipynb_checkpoints", ".thumbnails", "__MACOSX", "poses"):
+        (tmp_path / hidden).mkdir()
+    draw(tmp_path / ".ipynb_checkpoints" / "a-checkpoint.png")
+    draw(tmp_path / ".thumbnails" / "a.png")
+    (tmp_path / "__MACOSX" / "._a.png").write_bytes(APPLE_DOUBLE)  # what a zip made on a Mac leaves
+    draw(tmp_path / "poses" / "b.png")
+    (tmp_path / "poses" / ".hidden").mkdir()
+    draw(tmp_path / "poses" / ".hidden" / "c.png")  # not counted either
+
+    _, warnings = scan_folder(tmp_path)
+
+    assert warnings == [
+        f"1 subfolder was not read (only pictures directly in the folder {tmp_path.name}): poses/ (1 picture)"
+    ]
+
+
+def test_a_folder_whose_pictures_are_all_in_subfolders_says_where_they_are(tmp_path: Path) -> None:
+    folder = tmp_path / "kohya_style"
+    (folder / "10_person").mkdir(parents=True)
+    draw(folder / "10_person" / "a.png")
+
+    with pytest.raises(DataError) as caught:
+        scan_folder(folder)
+
+    assert caught.value.problems[-1] == ("1 subfolder was not read (only pictures directly in the folder "
+                                         "kohya_style): 10_person/ (1 picture)")
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def bad_metadata(tmp_path: Path) -> list[str]:
+    with pytest.raises(DataError) as caught:
+        scan_folder(tmp_path)
+    return caught.value.problems
+
+
+def test_one_error_names_every_bad_metadata_line_of_every_kind(tmp_path: Path) -> None:
+    draw(tmp_path / "a.png")
+    metadata = write_lines(tmp_path / "metadata.jsonl", [
+        json.dumps({"file_name": "a.png", "text": "fine"}),
+        '{"file_name": "b.png", "text": "no closing brace"',
+        '["a.png", "a list, not an object"]',
+        "",
+        json.dumps({"file_name": "gone.png", "text": "names a missing file"}),
+    ])
+
+    problems = bad_metadata(tmp_path)
+
+    assert [p.split(": ")[1] for p in problems] == ["line 2", "line 3", "line 5"]
+    assert all(p.startswith(f"{metadata}: ") for p in problems)
+    assert "not valid JSON" in problems[0] and "expected an object" in problems[1] and "gone.png" in problems[2]
+
+
+def test_rows_are_numbered_by_their_line_in_the_file(tmp_path: Path) -> None:
+    draw(tmp_path / "a.png")
+    draw(tmp_path / "b.png")
+    (tmp_path / "sub").mkdir()
+    draw(tmp_path / "sub" / "c.png")
+    write_lines(tmp_path / "metadata.jsonl", [
+        "not json",
+        "",
+        json.dumps({"file_name": "a.png", "text": "line 3"}),
+        json.dumps({"file_name": "a.png", "text": "again"}),
+        json.dumps({"text": "no file name"}),
+        json.dumps({"file_name": "b.png", "text": ["not", "text"]}),
+        json.dumps({"file_name": "sub/c.png", "text": "in a subfolder"}),
+        json.dumps({"file_name": "b.png", "text": "a caption with a line separator\u2028in it"},
+                   ensure_ascii=False),
+    ])
+
+    problems = bad_metadata(tmp_path)
+
+    assert [p.split(": ", 2)[1:] for p in problems] == [
+        ["line 1", "not valid JSON (Expecting value)"],
+        ["line 4", "'a.png': listed again (first on line 3)"],
+        ["line 5", "no file name in column 'file_name'"],
+        ["line 6", "'b.png': caption is not text (['not', 'text'])"],
+        ["line 7", "'sub/c.png': not an image directly in the folder (subfolders are not scanned)"],
+    ]
+
+
+def test_a_file_of_many_bad_lines_lists_the_first_twenty(tmp_path: Path) -> None:
+    draw(tmp_path / "a.png")
+    rows = [json.dumps({"file_name": "a.png", "text": "fine"})] + [f"bad {n}" for n in range(50)]
+    metadata = write_lines(tmp_path / "metadata.jsonl", rows)
+
+    problems = bad_metadata(tmp_path)
+
+    assert [p.split(": ")[1] for p in problems[:-1]] == [f"line {n}" for n in range(2, 22)]
+    assert problems[-1] == f"{metadata}: and 30 more bad lines"
+
+
+def test_a_csv_lists_every_bad_row_by_the_line_it_starts_on(tmp_path: Path) -> None:
+    draw(tmp_path / "a.png")
+    draw(tmp_path / "b.png")
+    draw(tmp_path / "c.png")
+    (tmp_path / "metadata.csv").write_text(
+        "file_name,text\n"
+        '"a.png","a caption\nover two lines"\n'  # lines 2-3
+        "b.png,red, square\n"  # line 4: an unquoted comma makes a third value
+        '"gone.png","also\ntwo lines"\n'  # lines 5-6
+        ",no file name\n"  # line 7
+        f'c.png,"{"x" * 200_000}"\n',  # line 8: over the csv module's field limit
+        encoding="utf-8",
+    )
+
+    problems = bad_metadata(tmp_path)
+
+    assert [p.split(": ", 2)[1] for p in problems] == ["line 4", "line 5", "line 7", "line 8"]
+    assert "3 values for 2 columns" in problems[0] and "gone.png" in problems[1]
 
 
 # ---------------------------------------------------------------------------------------------- manifest
@@ -322,6 +601,17 @@ def test_decompression_bomb_guard(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50 * 50)
     with pytest.raises(DataError, match="huge.png.*too large"):
         open_image(path)
+
+
+@pytest.mark.parametrize("height, refused", [(10000, False), (10001, True)])
+def test_the_size_limit_is_100_megapixels_read_from_the_header(tmp_path: Path, height: int, refused: bool) -> None:
+    path = tmp_path / "big.png"
+    Image.new("1", (10000, height)).save(path)  # 1 bit a pixel: 12.5 MB to draw, a few KB on disk
+    if refused:
+        with pytest.raises(DataError, match="big.png: too large .10000x10001 = 100.0 MP; at most 100 MP"):
+            check_images([Item(image=str(path), caption="")])
+    else:
+        check_images([Item(image=str(path), caption="")])
 
 
 # ----------------------------------------------------------------------------------------------- buckets

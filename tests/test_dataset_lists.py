@@ -251,3 +251,28 @@ def test_a_folder_picture_replaced_at_the_same_size_and_mtime_runs_the_node_agai
     entry, _ = run_once(comfy_server, prompt)
     (second,) = shown(comfy_server, entry, "2")
     assert share_of(first, (220, 30, 30)) > 0.1 and share_of(second, (30, 30, 220)) > 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.comfy_server
+def test_a_folder_with_hidden_files_trains_its_pictures_and_shows_the_warning(comfy_server) -> None:
+    folder = comfy_server.input_dir / "lists-copied-from-a-mac"
+    folder.mkdir()
+    solid(folder / "a.png", (200, 40, 90))
+    (folder / "a.txt").write_text("a square", encoding="utf-8")
+    (folder / "._a.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")  # AppleDouble
+    (folder / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    prompt = {
+        "1": {"class_type": "LoraFoundryDataset", "inputs": dataset_inputs(comfy_server, source="folder",
+                                                                          folder=folder.name)},
+        "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}},
+    }
+    warning = "skipped 2 hidden or system files (._a.png, Thumbs.db)"
+    with comfy_server.listen() as ws:
+        entry, runs = run_once(comfy_server, prompt)
+        # on the node in the graph
+        ws.wait_for(lambda m: m["type"] == "progress_text" and m["data"]["node"] == "1"
+                    and warning in m["data"]["text"], timeout=30)
+    assert [[item["caption"] for item in items] for items in runs] == [["a square"]]
+    assert warning in entry["outputs"]["1"]["warnings"]  # in the history, for a user of the API
+    assert warning in comfy_server.log_path.read_text(encoding="utf-8", errors="replace")  # in the console

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from test_e2e_train import run_dirs, small_prompt, train_ui
 
-pytestmark = [pytest.mark.slow, pytest.mark.comfy_server]
+# on the second ComfyUI the interrupt is checked by test_e2e_train's; these five phases are the trainer's
+pytestmark = [pytest.mark.slow, pytest.mark.comfy_server, pytest.mark.first_comfyui_only]
 
 # phase → the event that shows the trainer is in it, and extra Train inputs that make the phase last
 PHASES = {

@@ -13,9 +13,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts.comfy_server import api_workflow, tiny_train_and_validate
+from scripts.comfy_server import (
+    SOLID_DATASET,
+    ComfyError,
+    api_workflow,
+    lora_effect,
+    random_base_settings,
+    tiny_train_and_validate,
+)
+from scripts.make_sample_dataset import SOLID_REDS, make_solid_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.comfy_server]
+# mean absolute difference (of 255) between the demo's strength 0 and 1 pictures that a user cannot miss
+DEMO_VISIBLE_DIFFERENCE = 10.0
+# strength 1's sample at least this many times closer to the training latents than strength 0's (measured: 2.1)
+DEMO_CLOSER = 1.5
 
 
 def small_prompt(server, output_name: str, max_steps: int = 3) -> dict:
@@ -36,9 +48,18 @@ def run_dirs(server) -> list[Path]:
     return sorted((server.output_dir / "lora-foundry" / "runs").glob("*"))
 
 
-def test_train_and_validate_end_to_end(comfy_server) -> None:
-    prompt = small_prompt(comfy_server, "e2e-shapes")
-    entry = comfy_server.run(prompt, timeout=900)
+def demo_prompt(server, output_name: str) -> dict:
+    """The example workflow as the demo runs it on a random-weight base: the settings that show the LoRA's
+    effect there (scripts/comfy_server.py RANDOM_BASE_SETTINGS), on the CPU."""
+    make_solid_dataset(server.input_dir / SOLID_DATASET)
+    overrides = tiny_train_and_validate(server.checkpoint_name, output_name) + random_base_settings(on_gpu=False)
+    return api_workflow("train_and_validate", overrides + ["4.overwrite=false"])
+
+
+@pytest.mark.first_comfyui_only  # 80 steps; ComfyUI's side (LoRA at strength 0/1, sampling) is checked below
+def test_the_demo_trains_and_its_compare_grid_shows_the_loras_effect(comfy_server) -> None:
+    prompt = demo_prompt(comfy_server, "e2e-shapes")
+    entry = comfy_server.run(prompt, timeout=1200)
 
     lora = Path(train_ui(entry)["lora_path"][0])
     assert lora.parent == comfy_server.loras_dir and lora.name == "e2e-shapes.safetensors" and lora.is_file()
@@ -46,12 +67,18 @@ def test_train_and_validate_end_to_end(comfy_server) -> None:
     grid_node = next(k for k, n in prompt.items() if n["class_type"] == "SaveImage")
     (saved,) = entry["outputs"][grid_node]["images"]
     grid = np.asarray(Image.open(comfy_server.output_dir / saved["subfolder"] / saved["filename"]), np.float32)
-    left, right = grid[:, :128], grid[:, 128:256]
-    assert np.abs(left - right).mean() > 0.5, "strength 0 and strength 1 gave the same picture"
+    cell = int(prompt["18"]["inputs"]["cell"])
+    strength0, strength1 = grid[:, :cell], grid[:, cell : 2 * cell]
+    difference = float(np.abs(strength0 - strength1).mean())
+    print(f"compare grid: strength 0 vs 1 differ by {difference:.1f} of 255 on average")
+    assert difference > DEMO_VISIBLE_DIFFERENCE, f"strength 0 and 1 differ by only {difference:.2f} of 255"
+    off, on = lora_effect(comfy_server, prompt, SOLID_REDS)
+    print(f"the sampled latent's distance to the training latents: {off:.1f} at strength 0, {on:.1f} at 1")
+    assert on * DEMO_CLOSER < off, f"strength 1 is not pulled toward the training pictures ({off:.1f} vs {on:.1f})"
 
     (run_dir,) = [d for d in run_dirs(comfy_server) if d.name.startswith("e2e-shapes-")]
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    assert events[-1]["type"] == "done" and events[-1]["steps"] == 3
+    assert events[-1]["type"] == "done" and events[-1]["steps"] == 80
     assert any(e["type"] == "sample" for e in events)
 
     # queued again unchanged: nothing retrains
@@ -61,9 +88,8 @@ def test_train_and_validate_end_to_end(comfy_server) -> None:
 
 
 def test_stock_lora_loader_patches_every_weight(comfy_server) -> None:
-    lora = comfy_server.loras_dir / "e2e-shapes.safetensors"
-    if not lora.is_file():
-        pytest.skip("needs the LoRA of test_train_and_validate_end_to_end")
+    entry = comfy_server.run(small_prompt(comfy_server, "e2e-stock", max_steps=2), timeout=900)
+    lora = Path(train_ui(entry)["lora_path"][0])
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfy_server.checkpoint_name}},
         "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora.name,
@@ -147,3 +173,24 @@ def test_masked_example_trains_on_masks_drawn_by_comfyui_nodes(comfy_server) -> 
     for item in items:
         mask = np.asarray(Image.open(item["mask"]))
         assert mask[2, 2] == 0 and mask[64, 64] == 255  # the background corner is ignored, the shape trains
+
+
+@pytest.mark.parametrize("node, name, value, words", [
+    ("4", "learning_rate", float("nan"), "train.learning_rate: must be a finite number, got nan"),
+    ("3", "alpha", float("nan"), "lora.alpha: must be a finite number, got nan"),
+    ("4", "num_processes", 64, "64 training processes asked for, but this machine has"),
+    ("4", "output_name", "CON", "a device name Windows reserves"),
+    ("4", "output_name", "style ", "ends with a space"),
+])
+def test_the_train_node_refuses_what_would_fail_later_before_writing_anything(
+        comfy_server, node: str, name: str, value: object, words: str) -> None:
+    # ComfyUI's min/max checks let NaN through (every comparison with it is false); JSON carries it
+    output_name = value if name == "output_name" else f"e2e-refused-{name}"
+    prompt = small_prompt(comfy_server, str(output_name))
+    prompt[node]["inputs"][name] = value
+    folders_before, loras_before = run_dirs(comfy_server), sorted(comfy_server.loras_dir.iterdir())
+    with pytest.raises(ComfyError) as info:
+        comfy_server.run(prompt, timeout=120)
+    assert words in str(info.value.details), info.value.details
+    assert run_dirs(comfy_server) == folders_before, "a run folder was written for a refused run"
+    assert sorted(comfy_server.loras_dir.iterdir()) == loras_before

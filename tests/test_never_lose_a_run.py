@@ -212,15 +212,15 @@ def test_new_prompts_resample_without_training(tmp_path, tiny_model_dir, two_ima
 
 def test_auto_device_prefers_cuda_then_mps_then_cpu() -> None:
     # CUDA and Apple silicon cannot run here: the choice is tested on what the machine would report
-    from trainer.loop import choose_device
+    from trainer.preflight import PreflightError, choose_device
 
     assert choose_device("auto", has_cuda=True, has_mps=True) == "cuda"
     assert choose_device("auto", has_cuda=False, has_mps=True) == "mps"
     assert choose_device("auto", has_cuda=False, has_mps=False) == "cpu"
     assert choose_device("mps", has_cuda=False, has_mps=True) == "mps"
-    with pytest.raises(RuntimeError, match="Apple-silicon"):
+    with pytest.raises(PreflightError, match="Apple-silicon"):
         choose_device("mps", has_cuda=True, has_mps=False)
-    with pytest.raises(RuntimeError, match="no CUDA device"):
+    with pytest.raises(PreflightError, match="no CUDA device"):
         choose_device("cuda", has_cuda=False, has_mps=True)
 
 

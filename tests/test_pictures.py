@@ -126,6 +126,21 @@ def test_loss_curve_without_enough_points_still_draws(points: int) -> None:
         assert find(curve, rendered("no steps yet", 13, images.MUTED))
 
 
+def test_loss_curve_draws_the_finite_losses_of_a_run_that_went_non_finite() -> None:
+    # an events log of a run that went NaN (or one written before the guard) failed the node:
+    # "cannot convert float NaN to integer"
+    steps, losses, smoothed = noisy_run(40)
+    losses[30:] = [math.nan] * 10
+    smoothed[30:] = [math.inf] * 10
+    curve = images.loss_curve(steps, losses, smoothed)
+    assert find(curve, rendered("0", 13, images.MUTED)) and find(curve, rendered("loss (each step)", 13,
+                                                                                images.FOREGROUND))
+    plot = np.asarray(curve)[64 + 2 : 448 - 61, 84 + 2 : 768 - 25]
+    assert (plot == images.RAW_COLOR).all(axis=2).sum() > 100
+    nothing = images.loss_curve([1, 2], [math.nan, math.nan], [math.nan, math.nan])
+    assert find(nothing, rendered("no steps yet", 13, images.MUTED))
+
+
 # ---- the grid ------------------------------------------------------------------------------------------
 
 
@@ -166,3 +181,125 @@ def test_compare_grid_labels_strength_and_the_linked_step(comfy_server: ComfySer
     assert not find(title_band, rendered("shapes · step 8", title_font.size, images.FOREGROUND))
     left, right = (find(grid, rendered(f"strength {s}", label_font.size, images.FOREGROUND)) for s in ("0.0", "1.0"))
     assert left and right and left[0][0] < cell <= right[0][0], (left, right)
+
+
+# ---- long captions -------------------------------------------------------------------------------------
+# The Dataset node's preview draws each picture's caption under it: a caption of 20 000 characters without spaces
+# blocked ComfyUI's queue for minutes (the text was shortened one character at a time, measured whole each time),
+# and one of 5 MB failed with Pillow's "too many characters in string".
+
+PREVIEW_CELL = 160  # the Dataset node's preview
+WORDS = "a photo of lfstyle shapes, red circle\u00a0on grey, soft light "
+
+
+def previous_shorten(text: str, face: images.Font, width: float) -> str:
+    """How captions were shortened before the work was bounded: what they must still look like."""
+    if images.text_width(text, face) <= width:
+        return text
+    while text and images.text_width(text + "…", face) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def previous_wrap(text: str, face: images.Font, width: float, max_lines: int) -> list[str]:
+    lines: list[str] = []
+    for word in (w.replace(images.NO_BREAK_SPACE, " ") for w in text.split(" ") if w.strip()):
+        candidate = f"{lines[-1]} {word}" if lines else word
+        if lines and images.text_width(candidate, face) <= width:
+            lines[-1] = candidate
+        else:
+            lines.append(previous_shorten(word, face, width))
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = previous_shorten(lines[-1] + "…", face, width) if not lines[-1].endswith("…") else lines[-1]
+    return lines
+
+
+class CountingFont:
+    """A font that counts how often it is asked to measure a text."""
+
+    def __init__(self, face: images.Font) -> None:
+        self.face, self.measured = face, 0
+
+    def getlength(self, text: str, *args: object, **kwargs: object) -> float:
+        self.measured += 1
+        return self.face.getlength(text, *args, **kwargs)
+
+
+def caption_of(length: int, spaced: bool) -> str:
+    text = WORDS if spaced else "lfstyle_shapes_red_circle_"
+    return (text * (length // len(text) + 1))[:length]
+
+
+def preview_of(caption: str) -> tuple[Image.Image, list[str]]:
+    """The preview grid of one picture with `caption`, and the lines its label should show."""
+    picture = Image.new("RGB", (64, 48), (200, 40, 40))
+    grid = images.labelled_grid([picture], [caption], cell=PREVIEW_CELL)
+    label_font, _, _, _ = images.grid_fonts(PREVIEW_CELL)
+    return grid, images.wrap(caption, label_font, PREVIEW_CELL - 12, 3)
+
+
+def assert_label_drawn(grid: Image.Image, lines: list[str]) -> None:
+    label_font, _, label_line, _ = images.grid_fonts(PREVIEW_CELL)
+    assert grid.size == (PREVIEW_CELL, PREVIEW_CELL + 3 * label_line + 6)
+    for line in lines:
+        assert images.text_width(line, label_font) <= PREVIEW_CELL - 12, line
+        assert find(grid, rendered(line, label_font.size, images.FOREGROUND)), f"{line!r} is not drawn"
+
+
+def test_a_caption_of_20000_characters_without_spaces_is_drawn_cut_with_an_ellipsis() -> None:
+    caption = caption_of(20_000, spaced=False)
+    grid, lines = preview_of(caption)
+    assert len(lines) == 1 and lines[0].endswith("…") and caption.startswith(lines[0][:-1])
+    assert_label_drawn(grid, lines)
+
+
+@pytest.mark.parametrize("spaced", [False, True], ids=["one word", "words"])
+def test_a_caption_of_5_megabytes_is_drawn_cut_with_an_ellipsis(spaced: bool) -> None:
+    grid, lines = preview_of(caption_of(5_000_000, spaced))
+    assert len(lines) == (3 if spaced else 1) and lines[-1].endswith("…")
+    assert_label_drawn(grid, lines)
+
+
+@pytest.mark.parametrize("spaced", [False, True], ids=["one word", "words"])
+def test_measuring_a_caption_does_not_grow_with_its_length(spaced: bool) -> None:
+    label_font, _, _, _ = images.grid_fonts(PREVIEW_CELL)
+    measured = {}
+    for length in (20_000, 5_000_000):
+        face = CountingFont(label_font)
+        lines = images.wrap(caption_of(length, spaced), face, PREVIEW_CELL - 12, 3)
+        assert lines[-1].endswith("…")
+        measured[length] = face.measured
+    assert measured[20_000] == measured[5_000_000] <= 60, measured
+
+
+def test_a_caption_of_tiny_words_is_measured_a_bounded_number_of_times() -> None:
+    label_font, _, _, _ = images.grid_fonts(PREVIEW_CELL)
+    face = CountingFont(label_font)
+    lines = images.wrap("i " * 2_500_000, face, PREVIEW_CELL - 12, 3)
+    assert len(lines) == 3 and lines[-1].endswith("…") and face.measured <= 200, face.measured
+
+
+def test_a_short_caption_renders_as_before() -> None:
+    caption = "a photo of lfstyle shapes: a red circle\u00a0on grey"
+    grid, lines = preview_of(caption)
+    label_font, _, _, _ = images.grid_fonts(PREVIEW_CELL)
+    assert lines == previous_wrap(caption, label_font, PREVIEW_CELL - 12, 3) == [
+        "a photo of lfstyle shapes: a", "red circle on grey"], lines
+    assert_label_drawn(grid, lines)
+
+
+@pytest.mark.parametrize("caption", [
+    caption_of(300, spaced=True),
+    caption_of(300, spaced=False),
+    "short " + "x" * 400 + " words after a long one",
+    "step\u00a0400 \u00a0 \n spaces  between   words and a final_word_that_is_long_enough_to_be_cut_off_here",
+    "i " * 200,
+    "",
+])
+@pytest.mark.parametrize("cell", [64, 160, 256])
+def test_captions_wrap_as_before(caption: str, cell: int) -> None:
+    label_font, title_font, _, _ = images.grid_fonts(cell)
+    for face in (label_font, title_font):
+        assert images.wrap(caption, face, cell - 12, 3) == previous_wrap(caption, face, cell - 12, 3)
+        assert images._shorten(caption, face, cell - 12) == previous_shorten(caption, face, cell - 12)

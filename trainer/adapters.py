@@ -56,19 +56,56 @@ def adapter_layers(model: torch.nn.Module, adapter: str) -> Iterator[tuple[str, 
             yield path, module
 
 
-def require_rank_fits(model: torch.nn.Module, adapter: str, rank: int, part: str) -> None:
-    """A LoRA or LoHa rank above a layer's smaller side adds parameters and nothing else; LoKr's rank only
-    chooses which factors are split, so any rank is meaningful there."""
-    from peft.tuners.lokr import LoKrLayer
+def targeted_layers(model: torch.nn.Module, config: Any) -> dict[str, torch.nn.Module]:
+    """The Linear and Conv2d layers `config` (a peft config) adapts, by module path, before it is applied:
+    peft's own matching, so this is the set that injecting adapts."""
+    from peft.tuners.tuners_utils import check_target_module_exists
 
-    sides = {path: min(layer.get_base_layer().weight.shape[:2]) for path, layer in adapter_layers(model, adapter)
-             if not isinstance(layer, LoKrLayer)}
-    if not sides:
+    return {path: module for path, module in model.named_modules()
+            if path and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+            and check_target_module_exists(config, path)}
+
+
+def smaller_side(layer: torch.nn.Module) -> int:
+    # from the layer's attributes: a 4-bit base weight is stored packed, its shape is not the layer's
+    if isinstance(layer, torch.nn.Conv2d):
+        return min(layer.out_channels, layer.in_channels // layer.groups)
+    return min(layer.out_features, layer.in_features)
+
+
+def require_rank_fits(layers: dict[str, torch.nn.Module], lo: LoraConfig, part: str) -> None:
+    """A LoRA or LoHa rank above a layer's smaller side adds parameters and nothing else (and a huge one runs
+    out of memory adding them); LoKr's rank only chooses which factors are split, so any rank is meaningful."""
+    if lo.adapter == "lokr" or not layers:
         return
-    path, side = min(sides.items(), key=lambda item: item[1])
-    if rank > side:
-        raise ValueError(f"lora.rank {rank} is larger than the {part} layer {path} ({side} wide); "
+    path, layer = min(layers.items(), key=lambda item: smaller_side(item[1]))
+    side = smaller_side(layer)
+    if lo.rank > side:
+        raise ValueError(f"lora.rank {lo.rank} is larger than the {part} layer {path} ({side} wide); "
                          f"at most {side} for these targets")
+
+
+def adapter_parameters(layers: dict[str, torch.nn.Module], config: Any) -> int:
+    """How many parameters `config` adds to `layers`: peft applied to empty copies on the meta device, which
+    hold no memory, so every adapter type counts exactly as it will train."""
+    import dataclasses
+
+    from peft import inject_adapter_in_model
+
+    with torch.device("meta"):
+        copies = torch.nn.ModuleDict({f"layer{i}": _empty_copy(layer) for i, layer in enumerate(layers.values())})
+    if not copies:
+        return 0
+    inject_adapter_in_model(dataclasses.replace(config, target_modules=list(copies)), copies)
+    return sum(p.numel() for p in copies.parameters() if p.requires_grad)
+
+
+def _empty_copy(layer: torch.nn.Module) -> torch.nn.Module:
+    bias = layer.bias is not None
+    if isinstance(layer, torch.nn.Conv2d):
+        return torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                               layer.padding, layer.dilation, layer.groups, bias)
+    return torch.nn.Linear(layer.in_features, layer.out_features, bias)
 
 
 def layer_tensors(name: str, layer: Any, adapter: str, weight_names: tuple[str, str]) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -217,6 +218,9 @@ def _build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
         tp, value, path = hints[name], raw[name], f"{where}{name}"
         if dataclasses.is_dataclass(tp):
             values[name] = _build(tp, value, f"{path}.", problems)
+        elif isinstance(value, float) and not math.isfinite(value):
+            # JSON readers take NaN and Infinity, and every range check passes NaN (its comparisons are false)
+            problems.append(f"{path}: must be a finite number, got {value}")
         elif _check_value(value, tp):
             values[name] = float(value) if tp is float else value
         else:

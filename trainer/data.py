@@ -3,7 +3,9 @@
 Two sources give the same list of `Item`s:
   - a manifest: JSON written by the ComfyUI node (`write_manifest` / `read_manifest`);
   - a folder of images, captioned by `metadata.jsonl` / `metadata.csv` (the Hugging Face imagefolder
-    convention) or by same-stem `.txt` files.
+    convention) or by same-stem `.txt` files. Hidden and system files (.DS_Store, ._NAME, Thumbs.db) are
+    skipped with a warning; captions and metadata may be UTF-8 or UTF-16 with a BOM (`read_text_file`).
+    Subfolders are not read; a warning names those that hold pictures.
 
 Problems with the data are collected and raised together as one `DataError`, so a user fixes a folder
 in one pass instead of one file per run.
@@ -11,7 +13,9 @@ in one pass instead of one file per run.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import math
 import os
@@ -19,9 +23,10 @@ import random
 import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +45,11 @@ IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 IMAGE_COLUMNS = ("file_name", "image", "file", "path", "filename")
 MASK_SUFFIX = "_mask"  # NAME_mask.png beside NAME.jpg is NAME's loss mask
+SYSTEM_FILE_NAMES = ("thumbs.db", "desktop.ini")  # Windows Explorer's; macOS's (.DS_Store, ._*) are dot files
+NAMED_SKIPPED_FILES = 3
+NAMED_SUBFOLDERS = 3
+COUNTED_SUBFOLDER_PICTURES = 10_000  # a warning needs no exact count, so a huge tree is not walked to its end
+LISTED_BAD_LINES = 20  # a metadata file's bad lines named in its error; the rest are counted
 CAPTION_COLUMNS = ("text", "caption", "prompt", "captions", "description")
 
 # Our own limit, checked on the header before decoding. It is above Pillow's warning threshold (~89 MP)
@@ -179,17 +189,38 @@ def scan_folder(folder: Path) -> tuple[list[Item], list[str]]:
 
 
 def _scan_folder(folder: Path) -> tuple[list[Item], list[str]]:
-    images, masks = _split_masks(_list_images(folder))
+    files, skipped = list_dataset_files(folder)
+    subfolders = _subfolder_warnings(folder)
+    try:
+        found = _images_among(folder, files, skipped)
+    except DataError as exc:  # pictures only in subfolders: the error must say where they are
+        raise DataError(exc.problems + subfolders) from None
+    images, masks = _split_masks(found)
     metadata = [folder / name for name in METADATA_FILES if (folder / name).is_file()]
     if len(metadata) > 1:
         raise DataError([f"{folder}: has both metadata.jsonl and metadata.csv; keep one"])
     if metadata:
         captions = _captions_from_metadata(metadata[0], folder, images)
     else:
-        captions = _captions_from_txt(folder, images)
+        captions = _captions_from_txt(files, images)
     items = [Item(image=str(path), caption=captions.get(path, ""), mask=_optional_str(masks.get(path)))
              for path in images]
-    return items, _duplicate_stem_warnings(images)
+    return items, _skipped_files_warnings(skipped) + subfolders + _duplicate_stem_warnings(images)
+
+
+def is_hidden_or_system(name: str) -> bool:
+    """A file an operating system or file manager leaves in folders, never training data: any dot file (macOS's
+    .DS_Store and AppleDouble ._NAME copies among them) and Windows' Thumbs.db and desktop.ini."""
+    return name.startswith(".") or name.lower() in SYSTEM_FILE_NAMES
+
+
+def list_dataset_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The files directly in `folder`, sorted by name: those that may be data, and the hidden or system files
+    left out of them. DataError if the folder is missing."""
+    if not folder.is_dir():
+        raise DataError([f"{folder}: folder not found" if not folder.exists() else f"{folder}: not a folder"])
+    files = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.name)
+    return [p for p in files if not is_hidden_or_system(p.name)], [p for p in files if is_hidden_or_system(p.name)]
 
 
 def _split_masks(files: list[Path]) -> tuple[list[Path], dict[Path, Path]]:
@@ -206,36 +237,105 @@ def _optional_str(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
 
-def _list_images(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise DataError([f"{folder}: folder not found" if not folder.exists() else f"{folder}: not a folder"])
-    files = [p for p in folder.iterdir() if p.is_file()]
-    images = sorted(
-        (p.resolve() for p in files if p.suffix.lower() in IMAGE_EXTENSIONS), key=lambda p: p.name
-    )
+def _images_among(folder: Path, files: list[Path], skipped: list[Path]) -> list[Path]:
+    images = sorted((p.resolve() for p in files if p.suffix.lower() in IMAGE_EXTENSIONS), key=lambda p: p.name)
+    if images:
+        return images
+    if skipped and not files:
+        raise DataError([f"{folder}: no images (only hidden or system files: {_some_names(skipped)})"])
     if not files:
         raise DataError([f"{folder}: the folder is empty"])
-    if not images:
-        raise DataError(
-            [f"{folder}: no images ({len(files)} files, none ending in {', '.join(IMAGE_EXTENSIONS)})"]
-        )
-    return images
+    raise DataError([f"{folder}: no images ({len(files)} files, none ending in {', '.join(IMAGE_EXTENSIONS)})"])
 
 
-def _captions_from_txt(folder: Path, images: list[Path]) -> dict[Path, str]:
-    txt_by_stem = {p.stem: p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".txt"}
+def _captions_from_txt(files: list[Path], images: list[Path]) -> dict[Path, str]:
+    txt_by_stem = {p.stem: p for p in files if p.suffix.lower() == ".txt"}
     captions, problems = {}, []
     for image in images:
         txt = txt_by_stem.get(image.stem)
         if txt is None:
             continue
         try:
-            captions[image] = txt.read_text(encoding="utf-8-sig").strip()
-        except UnicodeDecodeError:
-            problems.append(f"{txt}: caption is not UTF-8 text")
+            captions[image] = read_text_file(txt).strip()
+        except DataError as exc:
+            problems += exc.problems
     if problems:
         raise DataError(problems)
     return captions
+
+
+def read_text_file(path: Path) -> str:
+    """A caption or metadata file's text: UTF-8 with or without a BOM, or UTF-16 with a BOM (either byte order,
+    as Windows Notepad's "Unicode" writes). DataError naming the file for anything else."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError([f"{path}: cannot read the file ({exc.strerror})"]) from exc
+    encoding = "utf-16" if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
+    try:
+        text = raw.decode(encoding)  # both codecs drop the BOM; "utf-16" reads the byte order from it
+    except UnicodeDecodeError as exc:
+        raise DataError([f"{path}: not UTF-8 or UTF-16 text; save it as UTF-8"]) from exc
+    # UTF-16 without a BOM, and UTF-32, often decode without error, but leave NULs no real text holds
+    if "\x00" in text:
+        raise DataError([f"{path}: not UTF-8 or UTF-16 text (UTF-16 needs a BOM); save it as UTF-8"])
+    return text
+
+
+def _skipped_files_warnings(skipped: list[Path]) -> list[str]:
+    if not skipped:
+        return []
+    files = "file" if len(skipped) == 1 else "files"
+    return [f"skipped {len(skipped)} hidden or system {files} ({_some_names(skipped)})"]
+
+
+def _some_names(files: list[Path]) -> str:
+    return _first_few([p.name for p in files], NAMED_SKIPPED_FILES)
+
+
+def _first_few(labels: list[str], shown: int) -> str:
+    listed = ", ".join(labels[:shown])
+    rest = len(labels) - shown
+    return f"{listed} and {rest} more" if rest > 0 else listed
+
+
+def _subfolder_warnings(folder: Path) -> list[str]:
+    """One warning naming the subfolders that hold pictures, most pictures first: the scan does not read them.
+
+    Hidden subfolders (.ipynb_checkpoints, .git, .thumbnails) are left out, as hidden files are. macOS's
+    __MACOSX needs no rule of its own: it holds only ._NAME AppleDouble copies, dot files that never count as
+    pictures, so it is never named.
+    """
+    counted = [(sub.name, _count_pictures(sub)) for sub in _visible_subfolders(folder)]
+    with_pictures = sorted(((name, n) for name, n in counted if n), key=lambda entry: (-entry[1], entry[0]))
+    if not with_pictures:
+        return []
+    listed = _first_few([f"{name}/ ({_pictures(n)})" for name, n in with_pictures], NAMED_SUBFOLDERS)
+    subfolders = "1 subfolder was" if len(with_pictures) == 1 else f"{len(with_pictures)} subfolders were"
+    return [f"{subfolders} not read (only pictures directly in the folder {folder.name}): {listed}"]
+
+
+def _visible_subfolders(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.is_dir() and not is_hidden_or_system(p.name)]
+
+
+def _count_pictures(folder: Path) -> int:
+    """Pictures anywhere under `folder` outside hidden folders, up to COUNTED_SUBFOLDER_PICTURES."""
+    return sum(1 for _ in islice(_pictures_under(folder), COUNTED_SUBFOLDER_PICTURES))
+
+
+def _pictures_under(folder: Path) -> Iterator[str]:
+    # os.walk follows no symlinked folder below `folder` (no cycles) and skips unreadable ones
+    for _, subfolders, files in os.walk(folder):
+        subfolders[:] = [name for name in subfolders if not is_hidden_or_system(name)]
+        yield from (name for name in files
+                    if name.lower().endswith(IMAGE_EXTENSIONS) and not is_hidden_or_system(name))
+
+
+def _pictures(count: int) -> str:
+    if count >= COUNTED_SUBFOLDER_PICTURES:
+        return f"{count}+ pictures"
+    return "1 picture" if count == 1 else f"{count} pictures"
 
 
 def _duplicate_stem_warnings(images: list[Path]) -> list[str]:
@@ -258,45 +358,92 @@ def _caption_warnings(items: list[Item]) -> list[str]:
 # ---------------------------------------------------------------------------------------------- metadata
 
 
+@dataclass(frozen=True)
+class _Metadata:
+    """A metadata file as read: its columns, its rows with the line each starts on, and the lines that could not be
+    read as a row, with why."""
+
+    columns: list[str]
+    rows: list[tuple[int, dict[str, Any]]]
+    bad_lines: list[tuple[int, str]]
+
+
 def _captions_from_metadata(path: Path, folder: Path, images: list[Path]) -> dict[Path, str]:
-    columns, rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path)
-    image_column, caption_column = _pick_columns(path, columns, rows)
-    captions, problems = _match_rows(path, rows, image_column, caption_column, folder, set(images))
-    if problems:
-        raise DataError(problems)
+    """Each picture's caption from a metadata file; one DataError listing every bad line otherwise."""
+    metadata = _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path)
+    if metadata.bad_lines and not metadata.rows:  # nothing read: no columns worth talking about
+        raise DataError(_bad_lines_report(path, metadata.bad_lines))
+    try:
+        image_column, caption_column = _pick_columns(path, metadata.columns, [row for _, row in metadata.rows])
+    except DataError as exc:  # a problem of the whole file; its unreadable lines need fixing as well
+        raise DataError(exc.problems + _bad_lines_report(path, metadata.bad_lines)) from None
+    captions, unmatched = _match_rows(metadata.rows, image_column, caption_column, folder, set(images))
+    if metadata.bad_lines or unmatched:
+        raise DataError(_bad_lines_report(path, metadata.bad_lines + unmatched))
     return captions
 
 
-def _read_jsonl(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
-    rows, problems = [], []
-    for number, line in enumerate(_read_metadata_text(path).splitlines(), start=1):
+def _bad_lines_report(path: Path, bad_lines: list[tuple[int, str]]) -> list[str]:
+    """The bad lines in file order, the first LISTED_BAD_LINES of them named and the rest counted, so a broken
+    100 000-line file does not make a 100 000-line message."""
+    ordered = sorted(bad_lines)
+    listed = [f"{path}: line {number}: {problem}" for number, problem in ordered[:LISTED_BAD_LINES]]
+    rest = len(ordered) - LISTED_BAD_LINES
+    if rest <= 0:
+        return listed
+    return [*listed, f"{path}: and {rest} more bad {'line' if rest == 1 else 'lines'}"]
+
+
+def _read_jsonl(path: Path) -> _Metadata:
+    rows, bad_lines = [], []
+    # split at line feeds only: str.splitlines() also splits at characters a JSON string may hold as they are
+    # (U+2028, U+0085), which would break such a row in two and shift every later line number
+    for number, line in enumerate(read_text_file(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            problems.append(f"{path}: line {number}: not valid JSON ({exc.msg})")
+            bad_lines.append((number, f"not valid JSON ({exc.msg})"))
             continue
         if isinstance(row, dict):
-            rows.append(row)
+            rows.append((number, row))
         else:
-            problems.append(f"{path}: line {number}: expected an object, got {type(row).__name__}")
-    if problems:
-        raise DataError(problems)
-    return list(dict.fromkeys(key for row in rows for key in row)), rows
+            bad_lines.append((number, f"expected an object, got {type(row).__name__}"))
+    return _Metadata(list(dict.fromkeys(key for _, row in rows for key in row)), rows, bad_lines)
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
-    reader = csv.DictReader(_read_metadata_text(path).splitlines())
-    rows = list(reader)
-    return list(reader.fieldnames or []), rows
+def _read_csv(path: Path) -> _Metadata:
+    header: list[str] | None = None
+    rows, bad_lines = [], []
+    for number, record in _csv_records(read_text_file(path)):
+        if isinstance(record, csv.Error):
+            bad_lines.append((number, f"not readable as CSV ({record})"))
+        elif header is None:
+            header = record
+        elif len(record) > len(header):
+            bad_lines.append((number, f"{len(record)} values for {len(header)} columns "
+                                      "(put a caption that holds commas in double quotes)"))
+        else:
+            rows.append((number, dict(zip(header, record, strict=False))))  # short rows: the last columns empty
+    return _Metadata(header or [], rows, bad_lines)
 
 
-def _read_metadata_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets often write a BOM
-    except UnicodeDecodeError as exc:
-        raise DataError([f"{path}: not UTF-8 text"]) from exc
+def _csv_records(text: str) -> Iterator[tuple[int, list[str] | csv.Error]]:
+    """Each record of a CSV text, or the error reading it raised, with the line it starts on (a quoted caption may
+    span lines); blank lines are skipped."""
+    reader = csv.reader(io.StringIO(text, newline=""))  # newline="": keep line breaks inside quoted captions
+    while True:
+        start = reader.line_num + 1
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # the reader carries on at the next line
+            yield start, exc
+            continue
+        if record:
+            yield start, record
 
 
 def _pick_columns(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> tuple[str, str | None]:
@@ -326,40 +473,41 @@ def _column_by_name(columns: list[str], names: tuple[str, ...]) -> str | None:
 
 
 def _match_rows(
-    path: Path,
-    rows: list[dict[str, Any]],
+    rows: list[tuple[int, dict[str, Any]]],
     image_column: str,
     caption_column: str | None,
     folder: Path,
     images: set[Path],
-) -> tuple[dict[Path, str], list[str]]:
+) -> tuple[dict[Path, str], list[tuple[int, str]]]:
+    """Each picture's caption, and the (line, problem) of every row that names no picture of the folder."""
     captions: dict[Path, str] = {}
-    problems = []
-    for number, row in enumerate(rows, start=1):
-        where = f"{path}: row {number}"
+    first_lines: dict[Path, int] = {}
+    bad_lines = []
+    for number, row in rows:
         name = row.get(image_column)
         if not isinstance(name, str) or not name.strip():
-            problems.append(f"{where}: no file name in column {image_column!r}")
+            bad_lines.append((number, f"no file name in column {image_column!r}"))
             continue
         target = (folder / name.strip()).resolve()
         caption = row.get(caption_column) if caption_column else ""
-        problem = _row_problem(target, name, caption, images, captions)
+        problem = _row_problem(target, name, caption, images, first_lines)
         if problem:
-            problems.append(f"{where}: {problem}")
+            bad_lines.append((number, problem))
         else:
             captions[target] = (caption or "").strip()
-    return captions, problems
+            first_lines[target] = number
+    return captions, bad_lines
 
 
 def _row_problem(
-    target: Path, name: str, caption: Any, images: set[Path], seen: dict[Path, str]
+    target: Path, name: str, caption: Any, images: set[Path], first_lines: dict[Path, int]
 ) -> str | None:
     if target not in images:
         if not target.exists():
             return f"{name!r}: file not found"
         return f"{name!r}: not an image directly in the folder (subfolders are not scanned)"
-    if target in seen:
-        return f"{name!r}: listed more than once"
+    if target in first_lines:
+        return f"{name!r}: listed again (first on line {first_lines[target]})"
     if caption is not None and not isinstance(caption, str):
         return f"{name!r}: caption is not text ({caption!r})"
     return None
@@ -409,7 +557,7 @@ def _check_size(path: Path, width: int, height: int) -> None:
     if width * height > MAX_PIXELS:
         megapixels = width * height / 1e6
         raise DataError(
-            [f"{path}: too large ({width}x{height} = {megapixels:.1f} MP; limit {MAX_PIXELS / 1e6:g} MP)"]
+            [f"{path}: too large ({width}x{height} = {megapixels:.1f} MP; at most {MAX_PIXELS / 1e6:g} MP)"]
         )
     if width < MIN_SIDE or height < MIN_SIDE:
         raise DataError([f"{path}: too small ({width}x{height}; at least {MIN_SIDE}x{MIN_SIDE} px)"])

@@ -19,15 +19,22 @@ from peft import inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
-from .adapters import peft_config, require_rank_fits
+from .adapters import adapter_parameters, peft_config, require_rank_fits, targeted_layers
 from .captions import caption_at
 from .config import RunConfig
 from .data import check_images, load_items
 from .encode import Encoded, captions_encoded_every_step, empty_caption_encoding, encode_dataset
 from .events import EventLog
 from .families import DENOISER, Components, ModelFamily, Objective, family_for
+from .finite import (
+    WEIGHTS_PROBLEM,
+    NonFiniteTraining,
+    non_finite_message,
+    non_finite_problem,
+    require_finite_tensors,
+    weights_finite,
+)
 from .lora_file import (
-    ADAPTER,
     base_model_hashes,
     count_tags,
     dataset_name,
@@ -36,6 +43,15 @@ from .lora_file import (
     save_lora_file,
 )
 from .optimizers import averaged_weights, current_lr, make_lr_scheduler, make_optimizer
+from .preflight import (
+    checkpoints_at_peak,
+    choose_device,
+    disk_problems,
+    output_problems,
+    process_problem,
+    require,
+    run_bytes,
+)
 from .quantize import quantize_frozen
 from .resume import load_checkpoint, newest_checkpoint, save_checkpoint
 from .sampling import render_samples
@@ -44,17 +60,6 @@ from .schedule import EpochPlan, Slot, derive_seed, draw
 
 class Cancelled(Exception):
     """SIGTERM/SIGINT arrived; a checkpoint was saved where there was training to keep."""
-
-
-def choose_device(requested: str, has_cuda: bool, has_mps: bool) -> str:
-    """'auto' → cuda, then mps (Apple silicon), then cpu; an explicit choice the machine lacks is an error."""
-    if requested == "auto":
-        return "cuda" if has_cuda else "mps" if has_mps else "cpu"
-    if requested == "cuda" and not has_cuda:
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible to the trainer")
-    if requested == "mps" and not has_mps:
-        raise RuntimeError("train.device is 'mps' but this machine has no Apple-silicon GPU (torch.backends.mps)")
-    return requested
 
 
 def choose_precision(requested: str, device: str, bf16_supported: bool, warn: Callable[[str], None]) -> str:
@@ -80,6 +85,10 @@ def make_accelerator(cfg: RunConfig, warn: Callable[[str], None]) -> Accelerator
         torch.set_num_threads(cpu_threads(os.environ.get("OMP_NUM_THREADS"), os.environ.get("LOCAL_WORLD_SIZE")))
     # cpu=True is what makes a multi-process launch on the CPU join one gloo group; accelerate picks mps by
     # itself when it is there and cpu is False
+    # before the group forms: too many processes for the machine is one message, not a machine out of memory
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    require([p for p in [process_problem(local_processes, device, torch.cuda.device_count() if has_cuda else 0)]
+             if p])
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=precision)
     require_one_group(int(os.environ.get("WORLD_SIZE", "1")), accelerator.num_processes)
     return accelerator
@@ -145,7 +154,6 @@ def add_lora(cfg: RunConfig, family: ModelFamily, components: Components) -> dic
     for prefix, module in trained_parts(cfg, family, components).items():
         config = peft_config(lo, family.adapter_targets(prefix, lo))
         inject_adapter_in_model(config, module)  # works for diffusers and transformers models alike
-        require_rank_fits(module, ADAPTER, lo.rank, family.part_name(prefix))
         params[prefix] = []
         for p in module.parameters():
             if p.requires_grad:
@@ -229,10 +237,12 @@ def assemble_batch(
 class Trainer:
     """Holds the run's state between setup and the step loop."""
 
-    def __init__(self, cfg: RunConfig, events: EventLog, stop_requested: Callable[[], bool]):
+    def __init__(self, cfg: RunConfig, events: EventLog, stop_requested: Callable[[], bool],
+                 keep_work: Callable[[], None] = lambda: None):
         self.cfg = cfg
         self.events = events
         self.stop_requested = stop_requested
+        self.keep_work = keep_work  # called once there is work a stop should save (trainer/stop.py)
         self.family: ModelFamily | None = None  # read from the base model in setup()
         self.started_at = time.time()
         self.steps_done = self.start_step = 0
@@ -262,6 +272,7 @@ class Trainer:
         lora_path = Path(cfg.output.lora_path)
         if lora_path.exists() and not cfg.output.overwrite:
             raise FileExistsError(f"{lora_path} exists; set output.overwrite to replace it")
+        require(output_problems(lora_path, Path(cfg.run_dir)))
         self.accelerator = acc = make_accelerator(cfg, self.warn)
         self.device = acc.device
         self.family = family_for(cfg.model)
@@ -282,7 +293,12 @@ class Trainer:
         self.check_stop()  # loading cannot be interrupted inside; a stop asked meanwhile is honoured here
         # on the CPU, before the move: the GPU never holds the 16-bit copy of a quantized base
         quantize_frozen(self.components.denoiser, cfg.train.base_quantization, self.device, weight_dtype(acc))
+        self._check_adapter_fits()
         self.components.denoiser.to(self.device)
+        # the group has formed and the model is loaded: from the cache pass on, a stop lets the unit under way
+        # finish, and saves
+        self.keep_work()
+        self.check_stop()
         with acc.main_process_first():  # the main process fills the disk cache, the others read it
             self.encoded = encode_dataset(cfg, self.family, self.components, self.items, self.device, self._cached)
             self.empty_text = None
@@ -319,6 +335,23 @@ class Trainer:
             family=self.family.label,
             trainable_parameters=sum(p.numel() for p in self.params),
         )
+
+    def _check_adapter_fits(self) -> None:
+        """Before the adapters are added and the first picture is encoded: the rank fits every adapted layer,
+        and the disk holds the LoRA and the checkpoints the run will write (sized from those layers)."""
+        cfg, family = self.cfg, self.family
+        parameters = 0
+        for prefix, module in trained_parts(cfg, family, self.components).items():
+            config = peft_config(cfg.lora, family.adapter_targets(prefix, cfg.lora))
+            layers = targeted_layers(module, config)
+            require_rank_fits(layers, cfg.lora, family.part_name(prefix))
+            parameters += adapter_parameters(layers, config)
+        checkpoints = checkpoints_at_peak(cfg.train.save_every_steps)
+        lora_bytes, checkpoint_bytes = run_bytes(parameters, cfg.train.optimizer, checkpoints)
+        require(disk_problems({
+            Path(cfg.output.lora_path).parent: (lora_bytes, "the LoRA"),
+            Path(cfg.run_dir): (checkpoint_bytes, f"{checkpoints} checkpoint(s) at once"),
+        }))
 
     def _cached(self, done: int, total: int, hits: int) -> None:
         self.events.emit("cache", done=done, total=total, hits=hits)
@@ -403,14 +436,19 @@ class Trainer:
                     loss = denoising_loss(pred, target, objective.loss_weights(timesteps, t.min_snr_gamma), mask)
                     acc.backward(loss / accum)
                 losses.append(loss.detach())
-            grad_norm = acc.clip_grad_norm_(self.params, t.max_grad_norm) if t.max_grad_norm else None
+            # max_grad_norm 0 measures the norm without clipping (a factor of exactly 1): the guard needs it
+            grad_norm = float(acc.clip_grad_norm_(self.params, t.max_grad_norm or math.inf))
+            # the loss of every process, before the weights change: all of them stop at one step, or none
+            step_loss = acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
+            self._require_finite(step + 1, step_loss, grad_norm)
             self.optimizer.step()
+            if not weights_finite(self.params):  # a finite gradient times a huge rate: equal on every process
+                self._stop_non_finite(step + 1, WEIGHTS_PROBLEM)
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
 
             done = self.steps_done = step + 1
             lr = current_lr(self.optimizer, self.lr_scheduler)
-            step_loss = acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
             smoothed = step_loss if smoothed is None else 0.9 * smoothed + 0.1 * step_loss
             now = time.time()
             seconds, last_time = now - last_time, now
@@ -424,7 +462,7 @@ class Trainer:
                 loss=step_loss,
                 smoothed_loss=smoothed,
                 lr=lr,
-                grad_norm=None if grad_norm is None else float(grad_norm),
+                grad_norm=grad_norm,
                 images_per_s=images_per_s,
                 eta_s=eta,
             )
@@ -443,6 +481,17 @@ class Trainer:
         if cfg.sample.prompts and self.total_steps not in self.sampled_steps:
             self.sample(self.total_steps)
         return path
+
+    def _require_finite(self, step: int, loss: float, grad_norm: float) -> None:
+        # grad_norm is the same on every process (the gradients are all-reduced), and so is the reduced loss
+        problem = non_finite_problem(loss, grad_norm, gradients_may_overflow=self.accelerator.scaler is not None)
+        if problem is not None:
+            self._stop_non_finite(step, problem)
+
+    def _stop_non_finite(self, step: int, problem: str) -> None:
+        kept = self.last_checkpoint_step if self.last_checkpoint_step >= 0 else None
+        raise NonFiniteTraining(non_finite_message(step, problem, self.cfg.train.learning_rate,
+                                                   self.accelerator.mixed_precision, kept))
 
     def _text(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The batch's prompt encoding: from the cache, or, with a text encoder training, encoded now (the
@@ -469,6 +518,7 @@ class Trainer:
 
     def _write_lora(self, path: Path, steps: int, overwrite: bool) -> None:
         tensors = self._lora_tensors()
+        require_finite_tensors(tensors, f"the LoRA {path.name}")
         latent_sizes = Counter(tuple(e.latents.shape[-2:]) for e in self.encoded)  # (h, w) per image
         metadata = lora_metadata(
             self.cfg,
@@ -503,6 +553,7 @@ class Trainer:
         scaler = self.accelerator.scaler
         adapter = {f"{prefix}.{k}": v for prefix, model in self._unwrapped().items()
                    for k, v in get_peft_model_state_dict(model).items()}
+        require_finite_tensors(adapter, f"the checkpoint of step {step}")
         self.events.emit("saving", step=step)
         folder = save_checkpoint(
             self.cfg.run_dir,

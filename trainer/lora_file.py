@@ -474,6 +474,11 @@ def save_lora_file(
     try:
         _write_synced(temp, data)
         os.replace(temp, path)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        if exc.filename is None:  # a failed write names no file: the one being written is the user's LoRA
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     except BaseException:
         temp.unlink(missing_ok=True)
         raise

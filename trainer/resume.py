@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 KEEP = 3
 _PREFIX = "step-"
@@ -77,16 +78,30 @@ def save_checkpoint(
     staging = root / f".{final.name}.{os.getpid()}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, staging / "adapter.safetensors")
-    opt_tensors, opt_plain = optimizer_to_files(optimizer)
-    save_file(opt_tensors, staging / "optimizer.safetensors")
-    write_lora(staging / "lora.safetensors")
-    state = {"step": step, "optimizer": opt_plain, "scheduler": scheduler, "scaler": scaler}
-    (staging / "state.json").write_text(json.dumps(state, default=_jsonable))
+    try:
+        adapter_tensors = {k: v.detach().cpu().contiguous() for k, v in adapter.items()}
+        write_file(staging / "adapter.safetensors", safetensors_bytes(adapter_tensors))
+        opt_tensors, opt_plain = optimizer_to_files(optimizer)
+        write_file(staging / "optimizer.safetensors", safetensors_bytes(opt_tensors))
+        write_lora(staging / "lora.safetensors")
+        state = {"step": step, "optimizer": opt_plain, "scheduler": scheduler, "scaler": scaler}
+        write_file(staging / "state.json", json.dumps(state, default=_jsonable).encode())
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed save leaves no half-written folder behind
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
     _prune(root)
     return final
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Written by Python rather than safetensors' own writer: a full disk is an OSError naming the file, which
+    the trainer reports as the disk being full (run.failure_message), not a SafetensorError."""
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 # checkpoints of SD 1.5 runs written before the parts were named by their LoRA prefix

@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # run as a script path: make the package importab
 
 from trainer.config import ConfigError, load_config  # noqa: E402
 from trainer.events import EventLog  # noqa: E402
+from trainer.run_lock import RunFolderBusy, hold_run_folder  # noqa: E402
 from trainer.stop import StopWatch, parent_pid_from_env  # noqa: E402
 
 EXIT_FAILED, EXIT_CONFIG = 1, 2
@@ -66,11 +67,20 @@ def main(argv: list[str] | None = None) -> int:
         report_config_error(args.config, error)
         return EXIT_CONFIG
 
+    if is_main_process():
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            lock = hold_run_folder(cfg.run_dir)  # noqa: F841 - held until the process ends
+        except RunFolderBusy as busy:
+            print(f"error: {busy}", file=sys.stderr)  # not into the events log: it is the other trainer's
+            return EXIT_FAILED
+
     from trainer.loop import Cancelled, Trainer
 
     stop = StopWatch(cfg.run_dir, parent_pid_from_env())
+    stop.exit_at_once_until_work_is_kept()
     events = EventLog(Path(cfg.run_dir) / "events.jsonl", enabled=is_main_process())
-    trainer = Trainer(cfg, events, stop.requested)
+    trainer = Trainer(cfg, events, stop.requested, keep_work=stop.keep_work)
     began = time.time()
     try:
         trainer.setup()

@@ -8,12 +8,18 @@ sampling steps, around the model load):
 - the process that started the trainer going away (its pid comes in LORA_FOUNDRY_PARENT_PID): a killed
   ComfyUI must not leave a trainer holding the GPU.
 After a stop the trainer saves a checkpoint where there was training to keep, and exits.
+
+Until there is work to keep (`StopWatch.exit_at_once_until_work_is_kept`, then `keep_work`), a stop ends the
+process at once: the group's rendezvous and the model load block inside C++ for minutes, where no check runs
+and no Python signal handler can; a rank asleep there must not outlive a cancel or a killed ComfyUI.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +28,7 @@ import psutil
 STOP_FILE_NAME = "stop"
 PARENT_PID_ENV = "LORA_FOUNDRY_PARENT_PID"
 PARENT_CHECK_EVERY_S = 1.0
+EARLY_STOP_POLL_S = 0.2
 
 
 def stop_file(run_dir: str | Path) -> Path:
@@ -78,11 +85,33 @@ class StopWatch:
         self.reason: str | None = None
         self.signum: int | None = None
         self._next_parent_check = 0.0
+        self._keeping = threading.Event()
         if install_signals:
-            for name in ("SIGTERM", "SIGINT", "SIGBREAK"):  # SIGBREAK: Ctrl-Break, Windows only
-                sig = getattr(signal, name, None)
-                if sig is not None:
-                    signal.signal(sig, self._on_signal)
+            self._set_signals(self._on_signal)
+
+    @staticmethod
+    def _set_signals(handler: object) -> None:
+        for name in ("SIGTERM", "SIGINT", "SIGBREAK"):  # SIGBREAK: Ctrl-Break, Windows only
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                signal.signal(sig, handler)
+
+    def exit_at_once_until_work_is_kept(self) -> None:
+        """From now until `keep_work`: a signal ends the process (the default action, which works inside C++),
+        and a thread ends it on a stop file or a vanished parent. For the trainer's process only."""
+        self._set_signals(signal.SIG_DFL)
+        threading.Thread(target=self._exit_when_asked, name="early-stop", daemon=True).start()
+
+    def keep_work(self) -> None:
+        """From here a stop is seen between units of work, so that what was done is saved first."""
+        self._keeping.set()
+        self._set_signals(self._on_signal)
+
+    def _exit_when_asked(self) -> None:
+        while not self._keeping.wait(EARLY_STOP_POLL_S):
+            if self.requested():
+                print(f"stopped before any work to keep ({self.reason})", file=sys.stderr, flush=True)
+                os._exit(128 + (self.signum or signal.SIGTERM))  # nothing to save: no cleanup to run
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if self.reason is None:
