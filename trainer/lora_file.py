@@ -476,7 +476,7 @@ def save_lora_file(
         os.replace(temp, path)
     except OSError as exc:
         temp.unlink(missing_ok=True)
-        if exc.filename is None:  # a failed write names no file: the one being written is the user's LoRA
+        if exc.filename is None and exc.errno is not None:  # a failed write names no file: name the user's LoRA
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     except BaseException:

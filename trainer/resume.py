@@ -101,6 +101,8 @@ def write_file(path: Path, data: bytes) -> None:
     try:
         path.write_bytes(data)
     except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
         raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
