@@ -28,7 +28,7 @@ from ..trainer.config import (
 from ..trainer.events import read_events
 from ..trainer.families import TRAINED_NAMES, detect_family, get_family
 from ..trainer.identity import run_identity
-from ..trainer.preflight import launch_problems, output_problems
+from ..trainer.preflight import launch_problems, machine_devices, output_problems
 from . import paths
 from .api_features import advanced, search_aliases
 from .dataset import Dataset
@@ -258,13 +258,9 @@ def write_run_folder(cfg: RunConfig, accelerate_config: Path | None) -> tuple[Pa
 def require_launchable(cfg: RunConfig, num_processes: int, visible_gpus: str | None,
                        accelerate_config: Path | None) -> None:
     """Everything that would fail the run after it started, checked before anything is written or launched."""
-    import torch
-
-    has_mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     problems = output_problems(Path(cfg.output.lora_path), Path(cfg.run_dir))
     if accelerate_config is None:
-        problems += launch_problems(num_processes, cfg.train.device, visible_gpus, torch.cuda.device_count(),
-                                    has_mps)
+        problems += launch_problems(num_processes, cfg.train.device, visible_gpus, *machine_devices())
     elif num_processes != 1:
         problems.append(f"num_processes {num_processes}: with an accelerate config the file sets the processes "
                         "(its num_processes, over all machines); leave num_processes at 1")

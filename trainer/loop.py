@@ -47,10 +47,12 @@ from .preflight import (
     checkpoints_at_peak,
     choose_device,
     disk_problems,
+    machine_devices,
     output_problems,
-    process_problem,
+    process_problems,
     require,
     run_bytes,
+    usable_cores,
 )
 from .quantize import quantize_frozen
 from .resume import load_checkpoint, newest_checkpoint, save_checkpoint
@@ -76,19 +78,17 @@ def choose_precision(requested: str, device: str, bf16_supported: bool, warn: Ca
 
 def make_accelerator(cfg: RunConfig, warn: Callable[[str], None]) -> Accelerator:
     t = cfg.train
-    has_cuda = torch.cuda.is_available()
-    has_mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    gpus, has_mps = machine_devices()
+    has_cuda = gpus > 0
     device = choose_device(t.device, has_cuda, has_mps)
     bf16_ok = has_cuda and torch.cuda.is_bf16_supported()
     precision = choose_precision(t.mixed_precision, device, bf16_ok, warn)
     if device == "cpu":
         torch.set_num_threads(cpu_threads(os.environ.get("OMP_NUM_THREADS"), os.environ.get("LOCAL_WORLD_SIZE")))
+    # before the group forms: too many processes for the machine is one message, not a machine out of memory
+    require(process_problems(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), device, gpus))
     # cpu=True is what makes a multi-process launch on the CPU join one gloo group; accelerate picks mps by
     # itself when it is there and cpu is False
-    # before the group forms: too many processes for the machine is one message, not a machine out of memory
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    require([p for p in [process_problem(local_processes, device, torch.cuda.device_count() if has_cuda else 0)]
-             if p])
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=precision)
     require_one_group(int(os.environ.get("WORLD_SIZE", "1")), accelerator.num_processes)
     return accelerator
@@ -102,7 +102,7 @@ def cpu_threads(omp_num_threads: str | None, local_world_size: str | None) -> in
     if omp_num_threads and omp_num_threads.isdigit() and int(omp_num_threads) > 1:
         return int(omp_num_threads)
     local = int(local_world_size) if local_world_size and local_world_size.isdigit() else 1
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    usable = usable_cores()
     return max(1, usable // max(1, local))
 
 

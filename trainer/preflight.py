@@ -101,7 +101,7 @@ def choose_device(requested: str, has_cuda: bool, has_mps: bool) -> str:
     return requested
 
 
-def process_problem(processes: int, device: str, gpus: int) -> str | None:
+def process_problems(processes: int, device: str, gpus: int) -> list[str]:
     """Too many processes for one machine: one per GPU on CUDA; on the CPU at most one per core (each process
     needs its own copy of the model, so memory usually ends it sooner); Apple silicon has one GPU."""
     if device == "cuda":
@@ -111,9 +111,17 @@ def process_problem(processes: int, device: str, gpus: int) -> str | None:
     else:
         limit, what = usable_cores(), f"{usable_cores()} CPU core(s)"
     if processes > limit:
-        return (f"{processes} training processes asked for, but this machine has {what}: at most {limit} "
-                "(each process holds a whole copy of the model)")
-    return None
+        return [f"{processes} training processes asked for, but this machine has {what}: at most {limit} "
+                "(each process holds a whole copy of the model)"]
+    return []
+
+
+def machine_devices() -> tuple[int, bool]:
+    """(the CUDA GPUs torch sees, whether Apple silicon's mps is there): what the device checks are given."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return torch.cuda.device_count(), bool(mps and mps.is_available())
 
 
 def launch_problems(processes: int, requested_device: str, gpu_ids: str | None, cuda_gpus: int,
@@ -133,8 +141,7 @@ def launch_problems(processes: int, requested_device: str, gpu_ids: str | None, 
             return [f"gpu_ids {gpu_ids}: no GPU {', '.join(map(str, missing))} here (this machine has {have}); "
                     "training would not go where you asked"]
         visible = len(ids)
-    problem = process_problem(processes, device, visible)
-    return [problem] if problem else []
+    return process_problems(processes, device, visible)
 
 
 def human_size(size: float) -> str:
